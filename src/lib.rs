@@ -1,2 +1,23 @@
 //! efr: a thread-per-core event forwarder speaking the Follower Maze protocol.
+//!
+//! The pipeline (see README.md): the [`sequencer`] reads the event source, [`protocol`] parses
+//! each line, the [`resequencer`] puts events back in order, and every ordered [`batch`] goes to
+//! every [`shard`] over a bounded channel. Each shard's [`router`] applies the batch to its slice
+//! of the follow graph and appends notifications to its clients' output, which the [`client`]
+//! tasks write out. The [`acceptor`] hands each identified client to the shard that owns it.
+//! [`server::run`] starts it all; [`config`] holds every limit.
 #![warn(missing_docs)]
+
+pub mod acceptor;
+pub mod batch;
+pub mod client;
+pub mod config;
+pub mod line;
+pub mod notify;
+pub mod protocol;
+pub mod resequencer;
+pub mod router;
+pub mod sequencer;
+pub mod server;
+pub mod shard;
+pub mod stats;

@@ -1,1 +1,36 @@
-fn main(){}
+//! `efr-sharded`: parse the flags, set up logging and signals, run the server.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use efr::config::Args;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Args::parse().into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("efr-sharded: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(error) = signal_hook::flag::register(signal, config.shutdown.clone()) {
+            eprintln!("efr-sharded: cannot handle signal {signal}: {error}");
+            return ExitCode::from(2);
+        }
+    }
+    match efr::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("efr-sharded: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The two tasks of one client connection on its owner shard: the writer, which sends the
+//! client's pending output one coalesced write at a time, and the reader, which reads and
+//! discards whatever the client sends so that a closed connection is noticed.
+//!
+//! The two tasks hold separate descriptors of the same socket (the reader's is a `dup`), so
+//! neither waits for the other. Closing is always done by the writer: `shutdown(2)` on the
+//! socket, which also ends the reader's read.
+
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::notify::Notify;
+use crate::router::{ClientId, IDLE_BUFFER_KEEP};
+use crate::shard::ShardState;
+use crate::stats::{Counters, Fault};
+
+/// Bytes read (and discarded) at a time from a client.
+const DISCARD_BUFFER: usize = 512;
+
+/// How a client's connection is to be closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseMode {
+    /// End of the event source session: write out what is pending, then close.
+    SessionEnd,
+    /// Server shutdown: write out what is pending, then close.
+    Shutdown,
+    /// Close now, dropping what is pending (peer gone, write error, backlog limit).
+    Abort,
+}
+
+/// What the shard and the client's tasks share about one connection.
+#[derive(Debug)]
+pub struct ClientIo {
+    /// Wakes the writer: new output, or a close request.
+    pub wake: Notify,
+    close: Cell<Option<CloseMode>>,
+    /// Set by the writer once the socket is shut down; its descriptor may be reused after.
+    finished: Cell<bool>,
+    fd: RawFd,
+}
+
+impl ClientIo {
+    /// The handle of a connection whose writer owns descriptor `fd`.
+    pub fn new(fd: RawFd) -> Self {
+        ClientIo {
+            wake: Notify::default(),
+            close: Cell::new(None),
+            finished: Cell::new(false),
+            fd,
+        }
+    }
+
+    /// Asks the writer to close the connection. An abort also shuts the socket down at once,
+    /// which fails a write that is waiting on a client that does not read.
+    pub fn close(&self, mode: CloseMode) {
+        if self.finished.get() {
+            return;
+        }
+        match (self.close.get(), mode) {
+            (Some(CloseMode::Abort), _) => return,
+            (Some(_), CloseMode::SessionEnd | CloseMode::Shutdown) => return,
+            _ => {}
+        }
+        self.close.set(Some(mode));
+        if mode == CloseMode::Abort {
+            shutdown_socket(self.fd);
+        }
+        self.wake.notify();
+    }
+}
+
+fn shutdown_socket(fd: RawFd) {
+    // SAFETY: plain syscall on a descriptor the writer still owns (checked by `finished`).
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Writes the client's pending output until it is closed.
+pub async fn write_loop(
+    state: Rc<ShardState>,
+    client: ClientId,
+    io: Rc<ClientIo>,
+    mut stream: TcpStream,
+) {
+    let counters = &state.shared.counters;
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        if io.close.get() == Some(CloseMode::Abort) {
+            break;
+        }
+        state.router.borrow_mut().take_pending(client, &mut buffer);
+        if buffer.is_empty() {
+            if io.close.get().is_some() {
+                break;
+            }
+            io.wake.wait().await;
+            continue;
+        }
+        match stream.write_all(&buffer).await {
+            Ok(()) => Counters::add(&counters.bytes_written, buffer.len() as u64),
+            Err(error) => {
+                if io.close.get() != Some(CloseMode::Abort) {
+                    let user = state.router.borrow().user_of(client);
+                    Counters::add(&counters.clients_closed_write_error, 1);
+                    state.shared.faults.warn(Fault::WriteError, || {
+                        format!("closing client of user {user}: write failed: {error}")
+                    });
+                    state.router.borrow_mut().detach(client);
+                }
+                break;
+            }
+        }
+        buffer.clear();
+        if buffer.capacity() > IDLE_BUFFER_KEEP {
+            buffer.shrink_to(IDLE_BUFFER_KEEP);
+        }
+        state.router.borrow_mut().written(client);
+    }
+    shutdown_socket(io.fd);
+    io.finished.set(true);
+    drop(stream);
+    state.router.borrow_mut().free(client);
+    if let Some(slot) = state.ios.borrow_mut().get_mut(client as usize) {
+        *slot = None;
+    }
+    Counters::sub(&counters.clients_open, 1);
+    let live = state.live_writers.get() - 1;
+    state.live_writers.set(live);
+    if live == 0 {
+        state.writers_done.notify();
+    }
+}
+
+/// Reads and discards what the client sends; when it closes, takes it out of routing.
+pub async fn read_loop(
+    state: Rc<ShardState>,
+    client: ClientId,
+    io: Rc<ClientIo>,
+    mut stream: TcpStream,
+) {
+    let mut discard = [0u8; DISCARD_BUFFER];
+    loop {
+        match stream.read(&mut discard).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    if io.close.get().is_none() && !io.finished.get() {
+        Counters::add(&state.shared.counters.clients_closed_by_peer, 1);
+        state.close_client(client, CloseMode::Abort);
+    }
+}

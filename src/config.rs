@@ -1,0 +1,310 @@
+//! Command-line flags and the validated server configuration.
+//!
+//! Every limit of the server is a named constant here, mirrored by a flag (each flag can also be
+//! set through an `EFR_` environment variable). [`Args`] is what clap parses; [`Config`] is what
+//! the server runs with, checked once by [`Args::into_config`].
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::resequencer::ResequencerKind;
+
+/// Default TCP port of the event source.
+pub const DEFAULT_EVENT_PORT: u16 = 9090;
+/// Default TCP port of the user clients.
+pub const DEFAULT_CLIENT_PORT: u16 = 9099;
+/// Default resequencer window (`heap`, `stream`) or buffer size (`batch`), in events. An event
+/// further than this beyond the next expected seq is rejected and counted.
+pub const DEFAULT_RESEQUENCER_CAPACITY: u64 = 65_536;
+/// Largest accepted `--resequencer-capacity`: the window is preallocated as a ring.
+pub const MAX_RESEQUENCER_CAPACITY: u64 = 1 << 22;
+/// Longest event or id line in bytes (terminator excluded); longer lines are skipped and counted.
+pub const DEFAULT_MAX_LINE: usize = 4096;
+/// A client that has not sent its id line within this time is closed and counted.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// A client whose unsent output exceeds this many bytes is closed and counted (one slow reader
+/// never makes anyone else wait).
+pub const DEFAULT_MAX_CLIENT_BACKLOG: usize = 32 * 1024 * 1024;
+/// Connections beyond this many clients (identified or not) are closed at once and counted.
+pub const DEFAULT_MAX_CLIENTS: usize = 16_384;
+/// On SIGINT/SIGTERM, pending output is written for at most this long before exit.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Ordered batches in flight from the sequencer to one shard; when full, the sequencer stops
+/// reading the source and TCP pushes back.
+pub const DEFAULT_SHARD_QUEUE_DEPTH: usize = 64;
+/// io_uring registered memory per executor. A network server needs little of it, and the
+/// locked-memory limit (often 8 MiB) must cover every executor.
+pub const DEFAULT_IO_MEMORY_KIB: usize = 128;
+/// Upper bound for `--cores`.
+pub const MAX_CORES: usize = 256;
+
+/// Which resequencer orders the events (PROTOCOL.md section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ResequencerArg {
+    /// Batched binary heap: release the contiguous run after each read (default).
+    Heap,
+    /// Ordered map: release the contiguous run after each insert (the original efr's).
+    Stream,
+    /// Fixed buffer sorted when full (the original efr's; wrong when disorder crosses buffers).
+    Batch,
+}
+
+impl From<ResequencerArg> for ResequencerKind {
+    fn from(arg: ResequencerArg) -> Self {
+        match arg {
+            ResequencerArg::Heap => ResequencerKind::Heap,
+            ResequencerArg::Stream => ResequencerKind::Stream,
+            ResequencerArg::Batch => ResequencerKind::Batch,
+        }
+    }
+}
+
+/// efr-sharded: forwards an unordered event stream, in sequence order, to the user clients
+/// it concerns, on N thread-per-core executors.
+#[derive(Debug, Parser)]
+#[command(name = "efr-sharded", version, about, long_about = None)]
+pub struct Args {
+    /// Number of executors (one shard each). More than the CPU count is allowed: the
+    /// executors are then left unpinned and share the CPUs. Default: the CPU count.
+    #[arg(long, env = "EFR_CORES")]
+    pub cores: Option<usize>,
+    /// TCP port the event source connects to.
+    #[arg(long, env = "EFR_EVENT_PORT", default_value_t = DEFAULT_EVENT_PORT)]
+    pub event_port: u16,
+    /// TCP port the user clients connect to.
+    #[arg(long, env = "EFR_CLIENT_PORT", default_value_t = DEFAULT_CLIENT_PORT)]
+    pub client_port: u16,
+    /// Address both listeners bind to.
+    #[arg(long, env = "EFR_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub bind: IpAddr,
+    /// How events are put back in order: heap (default), stream or batch.
+    #[arg(long, env = "EFR_RESEQUENCER", value_enum, default_value_t = ResequencerArg::Heap)]
+    pub resequencer: ResequencerArg,
+    /// Window of the heap and stream resequencers (events beyond it are rejected), or the
+    /// buffer size of the batch resequencer, in events.
+    #[arg(long, env = "EFR_RESEQUENCER_CAPACITY", default_value_t = DEFAULT_RESEQUENCER_CAPACITY)]
+    pub resequencer_capacity: u64,
+    /// The first expected seq of a session is this plus one.
+    #[arg(long, env = "EFR_SEQUENCE_INDEX", default_value_t = 0)]
+    pub sequence_index: u64,
+    /// Longest event or client id line in bytes; longer lines are skipped and counted.
+    #[arg(long, env = "EFR_MAX_LINE", default_value_t = DEFAULT_MAX_LINE)]
+    pub max_line: usize,
+    /// Milliseconds a new client has to send its id line before it is closed.
+    #[arg(long, env = "EFR_HANDSHAKE_TIMEOUT_MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub handshake_timeout_ms: u64,
+    /// Bytes of unsent output after which a client that does not read is closed.
+    #[arg(long, env = "EFR_MAX_CLIENT_BACKLOG", default_value_t = DEFAULT_MAX_CLIENT_BACKLOG)]
+    pub max_client_backlog: usize,
+    /// Most client connections at once; further ones are closed at once.
+    #[arg(long, env = "EFR_MAX_CLIENTS", default_value_t = DEFAULT_MAX_CLIENTS)]
+    pub max_clients: usize,
+    /// Skip a hole in the sequence after this many milliseconds with later events waiting
+    /// (off when absent: holes wait for the source to close).
+    #[arg(long, env = "EFR_GAP_TIMEOUT_MS")]
+    pub gap_timeout_ms: Option<u64>,
+    /// Milliseconds pending output is written for after SIGINT/SIGTERM before exit.
+    #[arg(long, env = "EFR_SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
+    /// Ordered batches queued towards one shard before the sequencer stops reading.
+    #[arg(long, env = "EFR_SHARD_QUEUE_DEPTH", default_value_t = DEFAULT_SHARD_QUEUE_DEPTH)]
+    pub shard_queue_depth: usize,
+    /// KiB of io_uring registered memory per executor.
+    #[arg(long, env = "EFR_IO_MEMORY_KIB", default_value_t = DEFAULT_IO_MEMORY_KIB)]
+    pub io_memory_kib: usize,
+    /// Log the counters every this many seconds (off when absent).
+    #[arg(long, env = "EFR_STATS_INTERVAL")]
+    pub stats_interval: Option<u64>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Number of executors and shards.
+    pub cores: usize,
+    /// Address and port of the event listener (port 0: ephemeral).
+    pub event_addr: std::net::SocketAddr,
+    /// Address and port of the client listener (port 0: ephemeral).
+    pub client_addr: std::net::SocketAddr,
+    /// The resequencer kind.
+    pub resequencer: ResequencerKind,
+    /// Window or buffer size of the resequencer.
+    pub resequencer_capacity: u64,
+    /// First expected seq minus one.
+    pub sequence_index: u64,
+    /// Longest line.
+    pub max_line: usize,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Per-client unsent output limit.
+    pub max_client_backlog: usize,
+    /// Connection limit.
+    pub max_clients: usize,
+    /// Hole-skipping deadline, if any.
+    pub gap_timeout: Option<Duration>,
+    /// Drain deadline at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Batches queued per shard.
+    pub shard_queue_depth: usize,
+    /// io_uring memory per executor, bytes.
+    pub io_memory: usize,
+    /// Period of the stats log line, if any.
+    pub stats_interval: Option<Duration>,
+    /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Args::parse_from(["efr-sharded"])
+            .into_config()
+            .expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// The defaults, with both listeners on ephemeral loopback ports (for tests).
+    pub fn ephemeral(cores: usize) -> Self {
+        let loopback = std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        Config {
+            cores,
+            event_addr: loopback,
+            client_addr: loopback,
+            ..Config::default()
+        }
+    }
+
+    /// The first seq a session expects.
+    pub fn first_seq(&self) -> u64 {
+        self.sequence_index + 1
+    }
+}
+
+/// The machine's CPU count (1 when it cannot be read).
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl Args {
+    /// Checks the flags and turns them into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let cores = self.cores.unwrap_or_else(cpu_count);
+        if cores == 0 || cores > MAX_CORES {
+            return Err(ConfigError(format!(
+                "--cores must be 1..={MAX_CORES}, not {cores}"
+            )));
+        }
+        if self.resequencer_capacity == 0 || self.resequencer_capacity > MAX_RESEQUENCER_CAPACITY {
+            return Err(ConfigError(format!(
+                "--resequencer-capacity must be 1..={MAX_RESEQUENCER_CAPACITY}"
+            )));
+        }
+        if self.sequence_index == u64::MAX {
+            return Err(ConfigError(
+                "--sequence-index must be below u64::MAX".into(),
+            ));
+        }
+        if self.max_line < 16 {
+            return Err(ConfigError("--max-line must be at least 16".into()));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(ConfigError(
+                "--handshake-timeout-ms must be positive".into(),
+            ));
+        }
+        if self.shard_queue_depth == 0 {
+            return Err(ConfigError("--shard-queue-depth must be positive".into()));
+        }
+        if self.max_clients == 0 {
+            return Err(ConfigError("--max-clients must be positive".into()));
+        }
+        if self.gap_timeout_ms == Some(0) {
+            return Err(ConfigError("--gap-timeout-ms must be positive".into()));
+        }
+        if self.stats_interval == Some(0) {
+            return Err(ConfigError("--stats-interval must be positive".into()));
+        }
+        Ok(Config {
+            cores,
+            event_addr: std::net::SocketAddr::new(self.bind, self.event_port),
+            client_addr: std::net::SocketAddr::new(self.bind, self.client_port),
+            resequencer: self.resequencer.into(),
+            resequencer_capacity: self.resequencer_capacity,
+            sequence_index: self.sequence_index,
+            max_line: self.max_line,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            max_client_backlog: self.max_client_backlog,
+            max_clients: self.max_clients,
+            gap_timeout: self.gap_timeout_ms.map(Duration::from_millis),
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            shard_queue_depth: self.shard_queue_depth,
+            io_memory: self.io_memory_kib * 1024,
+            stats_interval: self.stats_interval.map(Duration::from_secs),
+            shutdown: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let config = Config::default();
+        assert_eq!(config.event_addr.port(), 9090);
+        assert_eq!(config.client_addr.port(), 9099);
+        assert_eq!(config.first_seq(), 1);
+        assert_eq!(config.max_line, 4096);
+        assert_eq!(config.max_client_backlog, 32 * 1024 * 1024);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.resequencer, ResequencerKind::Heap);
+        assert!(config.gap_timeout.is_none());
+    }
+
+    #[test]
+    fn flags_are_parsed_and_checked() {
+        let config = Args::parse_from([
+            "efr-sharded",
+            "--cores",
+            "8",
+            "--resequencer",
+            "stream",
+            "--sequence-index",
+            "10",
+            "--gap-timeout-ms",
+            "250",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.cores, 8);
+        assert_eq!(config.resequencer, ResequencerKind::Stream);
+        assert_eq!(config.first_seq(), 11);
+        assert_eq!(config.gap_timeout, Some(Duration::from_millis(250)));
+        for bad in [
+            &["efr-sharded", "--cores", "0"][..],
+            &["efr-sharded", "--resequencer-capacity", "0"],
+            &["efr-sharded", "--gap-timeout-ms", "0"],
+        ] {
+            assert!(Args::parse_from(bad).into_config().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! One shard's routing state: its slice of the follow graph, its connected subscribers, and
+//! their pending output. Pure logic, no I/O: the shard task (`shard.rs`) feeds it ordered
+//! batches and writes out what it appends.
+//!
+//! A shard owns the users whose id hashes to it ([`owner`]). It keeps the follow edges whose
+//! *follower* it owns, and beside them a fan-out index (followee -> connected local followers),
+//! so a status update costs one map lookup plus one append per notification, whatever the size
+//! of the graph. Applying a batch appends each notification to its client's output buffer
+//! (payload and `\n`, byte for byte) and lists the clients whose buffer went from empty to
+//! non-empty, so each gets one coalesced write per batch.
+
+use std::collections::{HashMap, HashSet};
+
+use ahash::RandomState;
+use smallvec::SmallVec;
+
+use crate::batch::OrderedBatch;
+use crate::protocol::EventKind;
+
+/// Fixed hash keys: the user -> shard mapping is the same in every run and every process.
+const OWNER_HASH_KEYS: [u64; 4] = [
+    0x243f_6a88_85a3_08d3,
+    0x1319_8a2e_0370_7344,
+    0xa409_3822_299f_31d0,
+    0x082e_fa98_ec4e_6c89,
+];
+
+/// Maps user ids to shards, the same way in every shard and every run.
+#[derive(Clone, Debug)]
+pub struct Ownership {
+    hasher: RandomState,
+    shards: usize,
+}
+
+impl Ownership {
+    /// The mapping for `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        let [a, b, c, d] = OWNER_HASH_KEYS;
+        Ownership {
+            hasher: RandomState::with_seeds(a, b, c, d),
+            shards,
+        }
+    }
+
+    /// The shard that owns `user`.
+    #[inline]
+    pub fn owner(&self, user: u64) -> usize {
+        if self.shards == 1 {
+            0
+        } else {
+            (self.hasher.hash_one(user) % self.shards as u64) as usize
+        }
+    }
+}
+
+/// Index of a client connection in its shard.
+pub type ClientId = u32;
+
+type FastMap<K, V> = HashMap<K, V, RandomState>;
+type FastSet<K> = HashSet<K, RandomState>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    /// Registered: receives notifications.
+    Open,
+    /// Out of the routing tables; its writer is still flushing or closing it.
+    Detached,
+    /// Slot free for reuse.
+    Free,
+}
+
+#[derive(Debug)]
+struct ClientSlot {
+    user: u64,
+    state: ClientState,
+    pending: Vec<u8>,
+    /// Bytes handed to the writer and not yet written.
+    in_flight: usize,
+    /// Position in `Router::open_clients`.
+    open_index: u32,
+}
+
+#[derive(Debug, Default)]
+struct Subscriber {
+    user: u64,
+    clients: SmallVec<[ClientId; 2]>,
+}
+
+/// Above this capacity an idle output buffer is shrunk back, so a past burst does not pin
+/// memory.
+pub const IDLE_BUFFER_KEEP: usize = 256 * 1024;
+
+/// The routing state of one shard.
+#[derive(Debug)]
+pub struct Router {
+    shard: usize,
+    ownership: Ownership,
+    max_backlog: usize,
+    /// follower (owned here) -> followees.
+    following: FastMap<u64, FastSet<u64>>,
+    /// followee -> subscribers (connected local followers).
+    fanout: FastMap<u64, SmallVec<[u32; 4]>>,
+    /// user -> subscriber slot, for connected local users.
+    subscriber_of: FastMap<u64, u32>,
+    subscribers: Vec<Subscriber>,
+    free_subscribers: Vec<u32>,
+    clients: Vec<ClientSlot>,
+    free_clients: Vec<ClientId>,
+    open_clients: Vec<ClientId>,
+    /// Clients whose pending output went from empty to non-empty since the last take.
+    dirty: Vec<ClientId>,
+    /// Clients that passed the backlog limit since the last take.
+    over_backlog: Vec<ClientId>,
+    notifications: u64,
+}
+
+impl Router {
+    /// The router of shard `shard` of `shards`, closing clients past `max_backlog` bytes.
+    pub fn new(shard: usize, shards: usize, max_backlog: usize) -> Self {
+        Router {
+            shard,
+            ownership: Ownership::new(shards),
+            max_backlog,
+            following: FastMap::default(),
+            fanout: FastMap::default(),
+            subscriber_of: FastMap::default(),
+            subscribers: Vec::new(),
+            free_subscribers: Vec::new(),
+            clients: Vec::new(),
+            free_clients: Vec::new(),
+            open_clients: Vec::new(),
+            dirty: Vec::new(),
+            over_backlog: Vec::new(),
+            notifications: 0,
+        }
+    }
+
+    /// Whether this shard owns `user`.
+    #[inline]
+    pub fn owns(&self, user: u64) -> bool {
+        self.ownership.owner(user) == self.shard
+    }
+
+    /// Registers a new connection of `user` (owned by this shard); it receives every
+    /// notification of the batches applied from now on.
+    pub fn register(&mut self, user: u64) -> ClientId {
+        debug_assert!(self.owns(user));
+        let id = match self.free_clients.pop() {
+            Some(id) => id,
+            None => {
+                self.clients.push(ClientSlot {
+                    user,
+                    state: ClientState::Free,
+                    pending: Vec::new(),
+                    in_flight: 0,
+                    open_index: 0,
+                });
+                (self.clients.len() - 1) as ClientId
+            }
+        };
+        let slot = &mut self.clients[id as usize];
+        slot.user = user;
+        slot.state = ClientState::Open;
+        slot.pending.clear();
+        slot.in_flight = 0;
+        slot.open_index = self.open_clients.len() as u32;
+        self.open_clients.push(id);
+
+        let subscriber = match self.subscriber_of.get(&user) {
+            Some(&index) => index,
+            None => {
+                let index = match self.free_subscribers.pop() {
+                    Some(index) => index,
+                    None => {
+                        self.subscribers.push(Subscriber::default());
+                        (self.subscribers.len() - 1) as u32
+                    }
+                };
+                self.subscribers[index as usize].user = user;
+                self.subscriber_of.insert(user, index);
+                if let Some(followees) = self.following.get(&user) {
+                    for &followee in followees {
+                        self.fanout.entry(followee).or_default().push(index);
+                    }
+                }
+                index
+            }
+        };
+        self.subscribers[subscriber as usize].clients.push(id);
+        id
+    }
+
+    /// Takes a client out of the routing tables: it receives nothing more. Its pending
+    /// output stays until [`free`](Self::free), so a graceful close can still write it.
+    pub fn detach(&mut self, client: ClientId) {
+        let slot = &mut self.clients[client as usize];
+        if slot.state != ClientState::Open {
+            return;
+        }
+        slot.state = ClientState::Detached;
+        let user = slot.user;
+        let open_index = slot.open_index as usize;
+        self.open_clients.swap_remove(open_index);
+        if let Some(&moved) = self.open_clients.get(open_index) {
+            self.clients[moved as usize].open_index = open_index as u32;
+        }
+        let Some(&subscriber) = self.subscriber_of.get(&user) else {
+            return;
+        };
+        let clients = &mut self.subscribers[subscriber as usize].clients;
+        if let Some(position) = clients.iter().position(|&c| c == client) {
+            clients.swap_remove(position);
+        }
+        if !clients.is_empty() {
+            return;
+        }
+        self.subscriber_of.remove(&user);
+        self.free_subscribers.push(subscriber);
+        if let Some(followees) = self.following.get(&user) {
+            for followee in followees {
+                remove_subscriber(&mut self.fanout, *followee, subscriber);
+            }
+        }
+    }
+
+    /// Frees a detached client's slot (its writer is done with it).
+    pub fn free(&mut self, client: ClientId) {
+        self.detach(client);
+        let slot = &mut self.clients[client as usize];
+        if slot.state == ClientState::Free {
+            return;
+        }
+        slot.state = ClientState::Free;
+        slot.in_flight = 0;
+        slot.pending = Vec::new();
+        self.free_clients.push(client);
+    }
+
+    /// Whether the client is still registered.
+    pub fn is_open(&self, client: ClientId) -> bool {
+        self.clients[client as usize].state == ClientState::Open
+    }
+
+    /// The user of a client.
+    pub fn user_of(&self, client: ClientId) -> u64 {
+        self.clients[client as usize].user
+    }
+
+    /// Every registered client.
+    pub fn open_clients(&self) -> &[ClientId] {
+        &self.open_clients
+    }
+
+    /// Forgets the follow graph (end of a session). Registered clients stay registered.
+    pub fn reset_graph(&mut self) {
+        self.following.clear();
+        self.fanout.clear();
+    }
+
+    /// Applies an ordered batch: graph changes and notifications, in seq order.
+    pub fn apply(&mut self, batch: &OrderedBatch) {
+        for batched in batch.events() {
+            let event = batched.event;
+            match event.kind {
+                EventKind::Follow => {
+                    if self.owns(event.from) {
+                        self.follow(event.from, event.to);
+                    }
+                    if self.owns(event.to) {
+                        self.notify_user(event.to, batch.notification(batched));
+                    }
+                }
+                EventKind::Unfollow => {
+                    if self.owns(event.from) {
+                        self.unfollow(event.from, event.to);
+                    }
+                }
+                EventKind::Private => {
+                    if self.owns(event.to) {
+                        self.notify_user(event.to, batch.notification(batched));
+                    }
+                }
+                EventKind::Status => {
+                    self.notify_followers(event.from, batch.notification(batched));
+                }
+                EventKind::Broadcast => {
+                    let bytes = batch.notification(batched);
+                    for index in 0..self.open_clients.len() {
+                        let client = self.open_clients[index];
+                        self.append(client, bytes);
+                    }
+                }
+                EventKind::Malformed => {}
+            }
+        }
+    }
+
+    fn follow(&mut self, follower: u64, followee: u64) {
+        let added = self.following.entry(follower).or_default().insert(followee);
+        if added {
+            if let Some(&subscriber) = self.subscriber_of.get(&follower) {
+                self.fanout.entry(followee).or_default().push(subscriber);
+            }
+        }
+    }
+
+    fn unfollow(&mut self, follower: u64, followee: u64) {
+        let removed = self
+            .following
+            .get_mut(&follower)
+            .is_some_and(|followees| followees.remove(&followee));
+        if removed {
+            if let Some(&subscriber) = self.subscriber_of.get(&follower) {
+                remove_subscriber(&mut self.fanout, followee, subscriber);
+            }
+        }
+    }
+
+    #[inline]
+    fn notify_user(&mut self, user: u64, bytes: &[u8]) {
+        if let Some(&subscriber) = self.subscriber_of.get(&user) {
+            for index in 0..self.subscribers[subscriber as usize].clients.len() {
+                let client = self.subscribers[subscriber as usize].clients[index];
+                self.append(client, bytes);
+            }
+        }
+    }
+
+    #[inline]
+    fn notify_followers(&mut self, followee: u64, bytes: &[u8]) {
+        let Some(followers) = self.fanout.get(&followee) else {
+            return;
+        };
+        for &subscriber in followers {
+            for &client in &self.subscribers[subscriber as usize].clients {
+                let slot = &mut self.clients[client as usize];
+                append_to(
+                    slot,
+                    client,
+                    bytes,
+                    self.max_backlog,
+                    &mut self.dirty,
+                    &mut self.over_backlog,
+                );
+                self.notifications += 1;
+            }
+        }
+    }
+
+    #[inline]
+    fn append(&mut self, client: ClientId, bytes: &[u8]) {
+        let slot = &mut self.clients[client as usize];
+        append_to(
+            slot,
+            client,
+            bytes,
+            self.max_backlog,
+            &mut self.dirty,
+            &mut self.over_backlog,
+        );
+        self.notifications += 1;
+    }
+
+    /// Clients whose output went from empty to non-empty since the last call.
+    pub fn take_dirty(&mut self, into: &mut Vec<ClientId>) {
+        into.clear();
+        std::mem::swap(into, &mut self.dirty);
+    }
+
+    /// Clients that passed the backlog limit since the last call.
+    pub fn take_over_backlog(&mut self, into: &mut Vec<ClientId>) {
+        into.clear();
+        std::mem::swap(into, &mut self.over_backlog);
+    }
+
+    /// Notifications appended since the last call.
+    pub fn take_notification_count(&mut self) -> u64 {
+        std::mem::take(&mut self.notifications)
+    }
+
+    /// Hands a client's pending output to its writer: swaps it with `into` (which must be
+    /// empty), so no bytes are copied and both buffers keep their capacity.
+    pub fn take_pending(&mut self, client: ClientId, into: &mut Vec<u8>) {
+        let slot = &mut self.clients[client as usize];
+        debug_assert!(into.is_empty());
+        std::mem::swap(into, &mut slot.pending);
+        slot.in_flight = into.len();
+    }
+
+    /// The writer finished writing what it took; `buffer` is kept by the writer for reuse.
+    pub fn written(&mut self, client: ClientId) {
+        self.clients[client as usize].in_flight = 0;
+    }
+
+    /// Pending (not yet taken) bytes of a client.
+    pub fn pending_len(&self, client: ClientId) -> usize {
+        self.clients[client as usize].pending.len()
+    }
+
+    /// A client's own pending buffer (for tests and benchmarks).
+    pub fn pending(&self, client: ClientId) -> &[u8] {
+        &self.clients[client as usize].pending
+    }
+
+    /// Clears a client's pending buffer (for benchmarks that do not write).
+    pub fn clear_pending(&mut self, client: ClientId) {
+        let slot = &mut self.clients[client as usize];
+        slot.pending.clear();
+        if slot.pending.capacity() > IDLE_BUFFER_KEEP {
+            slot.pending.shrink_to(IDLE_BUFFER_KEEP);
+        }
+    }
+}
+
+#[inline]
+fn append_to(
+    slot: &mut ClientSlot,
+    client: ClientId,
+    bytes: &[u8],
+    max_backlog: usize,
+    dirty: &mut Vec<ClientId>,
+    over_backlog: &mut Vec<ClientId>,
+) {
+    if slot.state != ClientState::Open {
+        return;
+    }
+    let was_empty = slot.pending.is_empty();
+    let backlog_before = slot.pending.len() + slot.in_flight;
+    slot.pending.extend_from_slice(bytes);
+    if was_empty {
+        dirty.push(client);
+    }
+    let backlog = backlog_before + bytes.len();
+    if backlog > max_backlog && backlog_before <= max_backlog {
+        over_backlog.push(client);
+    }
+}
+
+fn remove_subscriber(fanout: &mut FastMap<u64, SmallVec<[u32; 4]>>, followee: u64, sub: u32) {
+    if let Some(list) = fanout.get_mut(&followee) {
+        if let Some(position) = list.iter().position(|&s| s == sub) {
+            list.swap_remove(position);
+        }
+        if list.is_empty() {
+            fanout.remove(&followee);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse_event;
+
+    fn batch(lines: &[&str]) -> OrderedBatch {
+        let mut batch = OrderedBatch::default();
+        for line in lines {
+            batch.push(parse_event(line.as_bytes()).unwrap(), line.as_bytes());
+        }
+        batch
+    }
+
+    fn output(router: &mut Router, client: ClientId) -> String {
+        let mut buffer = Vec::new();
+        router.take_pending(client, &mut buffer);
+        router.written(client);
+        String::from_utf8(buffer).unwrap()
+    }
+
+    #[test]
+    fn each_event_type_notifies_the_right_users() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        let alice = router.register(1);
+        let bob = router.register(2);
+        let carol = router.register(3);
+        router.apply(&batch(&[
+            "1|F|1|2",  // 1 follows 2: 2 notified
+            "2|F|3|2",  // 3 follows 2: 2 notified
+            "3|S|2",    // 1 and 3 notified
+            "4|U|1|2",  // nobody
+            "5|S|2",    // 3 only
+            "6|P|2|1",  // 1
+            "7|B",      // all
+            "8|P|1|99", // nobody connected
+            "9|F|99|1", // 1 notified
+        ]));
+        assert_eq!(
+            output(&mut router, alice),
+            "3|S|2\n6|P|2|1\n7|B\n9|F|99|1\n"
+        );
+        assert_eq!(output(&mut router, bob), "1|F|1|2\n2|F|3|2\n7|B\n");
+        assert_eq!(output(&mut router, carol), "3|S|2\n5|S|2\n7|B\n");
+        assert_eq!(router.take_notification_count(), 10);
+    }
+
+    #[test]
+    fn follow_twice_is_once_and_unknown_unfollow_changes_nothing() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        let follower = router.register(1);
+        router.apply(&batch(&["1|F|1|2", "2|F|1|2", "3|U|1|7", "4|S|2"]));
+        assert_eq!(output(&mut router, follower), "4|S|2\n");
+    }
+
+    #[test]
+    fn edges_exist_before_the_follower_connects_and_after_it_leaves() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        router.apply(&batch(&["1|F|1|2"]));
+        let first = router.register(1);
+        router.apply(&batch(&["2|S|2"]));
+        assert_eq!(output(&mut router, first), "2|S|2\n");
+        router.detach(first);
+        router.free(first);
+        router.apply(&batch(&["3|S|2"]));
+        let again = router.register(1);
+        router.apply(&batch(&["4|S|2"]));
+        assert_eq!(output(&mut router, again), "4|S|2\n");
+    }
+
+    #[test]
+    fn two_connections_of_one_user_both_receive() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        let phone = router.register(5);
+        let laptop = router.register(5);
+        router.apply(&batch(&["1|P|1|5", "2|F|5|9", "3|S|9"]));
+        router.detach(phone);
+        router.apply(&batch(&["4|S|9", "5|P|1|5"]));
+        assert_eq!(output(&mut router, phone), "1|P|1|5\n3|S|9\n");
+        assert_eq!(
+            output(&mut router, laptop),
+            "1|P|1|5\n3|S|9\n4|S|9\n5|P|1|5\n"
+        );
+    }
+
+    #[test]
+    fn shards_split_users_and_together_notify_everyone_once() {
+        let shards = 4;
+        let mut routers: Vec<Router> = (0..shards)
+            .map(|s| Router::new(s, shards, 1 << 20))
+            .collect();
+        let mut clients = Vec::new();
+        for user in 1..=20u64 {
+            let owner = Ownership::new(shards).owner(user);
+            clients.push((user, owner, routers[owner].register(user)));
+        }
+        let mut lines = Vec::new();
+        let mut seq = 0;
+        for follower in 1..=20u64 {
+            seq += 1;
+            lines.push(format!("{seq}|F|{follower}|{}", follower % 3 + 1));
+        }
+        seq += 1;
+        lines.push(format!("{seq}|S|1"));
+        let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+        let ordered = batch(&lines);
+        for router in &mut routers {
+            router.apply(&ordered);
+        }
+        let mut followers_of_1 = 0;
+        for (user, owner, client) in clients {
+            let text = output(&mut routers[owner], client);
+            if user % 3 == 0 {
+                assert!(
+                    text.ends_with(&format!("{seq}|S|1\n")),
+                    "user {user}: {text}"
+                );
+                followers_of_1 += 1;
+            } else {
+                assert!(!text.contains("|S|"), "user {user}: {text}");
+            }
+        }
+        assert_eq!(followers_of_1, 6);
+    }
+
+    #[test]
+    fn backlog_limit_flags_a_client_once_and_dirty_lists_each_client_once() {
+        let mut router = Router::new(0, 1, 10);
+        let slow = router.register(1);
+        router.apply(&batch(&["1|P|2|1", "2|P|2|1", "3|P|2|1"]));
+        let mut list = Vec::new();
+        router.take_dirty(&mut list);
+        assert_eq!(list, vec![slow]);
+        router.take_over_backlog(&mut list);
+        assert_eq!(list, vec![slow]);
+        router.apply(&batch(&["4|P|2|1"]));
+        router.take_over_backlog(&mut list);
+        assert!(list.is_empty());
+    }
+}

@@ -1,0 +1,351 @@
+//! The sequencer: accepts the event source (one at a time), reads and parses its lines,
+//! puts events back in order, and sends each read's ordered run to every shard as one shared
+//! batch. At source close it delivers what is left (skipping holes), then tells the shards to
+//! end the session.
+//!
+//! Backpressure: the shard channels are bounded; when a shard falls behind, `send_async` waits,
+//! the sequencer stops reading, and TCP pushes back on the source.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::batch::OrderedBatch;
+use crate::line::{Line, LineSplitter};
+use crate::notify::Latch;
+use crate::protocol::{parse_event, EventKind, LineError};
+use crate::resequencer::{Admission, Resequencer};
+use crate::server::Shared;
+use crate::shard::ShardCommand;
+use crate::stats::{excerpt, Counters, Fault};
+
+/// Events a new batch has room for before it grows (a 64 KiB read holds about 4,000).
+const BATCH_CAPACITY_HINT: usize = 4096;
+
+/// The sequencer of one server: lives on executor 0.
+pub struct Sequencer {
+    /// Server-wide configuration and counters.
+    pub shared: Arc<Shared>,
+    /// Command channel of each shard.
+    pub shards: Vec<flume::Sender<ShardCommand>>,
+    /// Set when the server stops.
+    pub stop: Rc<Latch>,
+    /// Whether a source session is running.
+    pub session_active: Cell<bool>,
+}
+
+/// Per-read tallies, added to the shared counters once per read.
+#[derive(Default)]
+struct ReadTally {
+    received: u64,
+    malformed: u64,
+    unparseable: u64,
+    too_long: u64,
+    duplicate: u64,
+    already_delivered: u64,
+    beyond_window: u64,
+}
+
+impl Sequencer {
+    /// A sequencer sending to `shards`.
+    pub fn new(
+        shared: Arc<Shared>,
+        shards: Vec<flume::Sender<ShardCommand>>,
+        stop: Rc<Latch>,
+    ) -> Self {
+        Sequencer {
+            shared,
+            shards,
+            stop,
+            session_active: Cell::new(false),
+        }
+    }
+
+    /// Sends a command to every shard, in shard order.
+    pub async fn broadcast(&self, make: impl Fn() -> ShardCommand) {
+        for shard in &self.shards {
+            let _ = shard.send_async(make()).await;
+        }
+    }
+
+    async fn send_batch(&self, batch: OrderedBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        Counters::add(&self.shared.counters.events_delivered, batch.len() as u64);
+        let batch = Arc::new(batch);
+        self.broadcast(|| ShardCommand::Batch(batch.clone())).await;
+    }
+}
+
+/// Accepts event sources until the stop signal; refuses a second one while one is connected.
+pub async fn run(listener: TcpListener, sequencer: Rc<Sequencer>) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            sequencer.stop.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
+                tracing::warn!("event source accept failed: {error}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if sequencer.session_active.get() {
+            Counters::add(&sequencer.shared.counters.sources_refused, 1);
+            sequencer.shared.faults.warn(Fault::Refused, || {
+                "refusing a second event source: one is already connected".to_string()
+            });
+            drop(stream);
+            continue;
+        }
+        sequencer.session_active.set(true);
+        glommio::spawn_local(session(stream, sequencer.clone())).detach();
+    }
+}
+
+/// How a read ended.
+enum ReadOutcome {
+    Data(usize),
+    Closed,
+    GapTimeout,
+    Stopped,
+}
+
+/// One event source session, from connect to close.
+async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
+    let shared = sequencer.shared.clone();
+    let config = &shared.config;
+    let counters = &shared.counters;
+    Counters::add(&counters.sessions, 1);
+    tracing::info!("event source connected");
+    let mut splitter = LineSplitter::new(config.max_line);
+    let mut reseq = Resequencer::new(
+        config.resequencer,
+        config.resequencer_capacity,
+        config.first_seq(),
+    );
+    let mut stalled_since: Option<(u64, Instant)> = None;
+    let mut stopped = false;
+    loop {
+        // The gap timer runs while events wait and the next expected seq does not move.
+        let gap_wait = match (config.gap_timeout, &mut stalled_since) {
+            (Some(gap), stalled) => {
+                if reseq.waiting() == 0 {
+                    *stalled = None;
+                    None
+                } else {
+                    let next = reseq.next_expected();
+                    match stalled {
+                        Some((seq, since)) if *seq == next => {
+                            Some(gap.saturating_sub(since.elapsed()))
+                        }
+                        _ => {
+                            *stalled = Some((next, Instant::now()));
+                            Some(gap)
+                        }
+                    }
+                }
+            }
+            (None, _) => None,
+        };
+        let outcome = read_some(&mut stream, &mut splitter, &sequencer, gap_wait).await;
+        let mut batch = OrderedBatch::with_capacity(BATCH_CAPACITY_HINT);
+        match outcome {
+            ReadOutcome::Data(n) => {
+                splitter.commit(n);
+                process_lines(&shared, &mut splitter, &mut reseq, &mut batch);
+            }
+            ReadOutcome::GapTimeout => {
+                if let Some(hole) = reseq.skip_hole(&mut batch) {
+                    record_hole(&shared, hole.first, hole.last, "gap timeout");
+                }
+                stalled_since = None;
+            }
+            ReadOutcome::Closed => break,
+            ReadOutcome::Stopped => {
+                stopped = true;
+                break;
+            }
+        }
+        sequencer.send_batch(batch).await;
+        futures_lite::future::yield_now().await;
+    }
+    drop(stream);
+    if stopped {
+        // Shutdown: what was in order has been delivered; the stop task ends the shards.
+        tracing::info!("event source session stopped by shutdown");
+        sequencer.session_active.set(false);
+        return;
+    }
+    let mut batch = OrderedBatch::with_capacity(BATCH_CAPACITY_HINT);
+    {
+        if splitter.partial_len() > 0 {
+            let counter = if splitter.is_skipping() {
+                &counters.lines_too_long
+            } else {
+                &counters.partial_lines
+            };
+            Counters::add(counter, 1);
+            let partial = excerpt(splitter.partial());
+            shared.faults.warn(Fault::PartialLine, || {
+                format!("event source closed in the middle of a line; dropped \"{partial}\"")
+            });
+        }
+    }
+    {
+        reseq.finish(&mut batch, |hole| {
+            record_hole(&shared, hole.first, hole.last, "source closed")
+        });
+        let violations = reseq.order_violations();
+        Counters::add(&counters.order_violations, violations);
+    }
+    sequencer.send_batch(batch).await;
+    sequencer.broadcast(|| ShardCommand::EndSession).await;
+    tracing::info!(
+        "event source closed; session ended ({})",
+        counters.summary()
+    );
+    sequencer.session_active.set(false);
+}
+
+async fn read_some(
+    stream: &mut TcpStream,
+    splitter: &mut LineSplitter,
+    sequencer: &Sequencer,
+    gap_wait: Option<Duration>,
+) -> ReadOutcome {
+    let room = splitter.spare();
+    let read = async {
+        match stream.read(room).await {
+            Ok(0) => ReadOutcome::Closed,
+            Ok(n) => ReadOutcome::Data(n),
+            Err(error) => {
+                tracing::warn!("event source read failed: {error}");
+                ReadOutcome::Closed
+            }
+        }
+    };
+    let stop = async {
+        sequencer.stop.wait().await;
+        ReadOutcome::Stopped
+    };
+    match gap_wait {
+        None => futures_lite::future::or(stop, read).await,
+        Some(wait) => {
+            let gap = async {
+                glommio::timer::sleep(wait).await;
+                ReadOutcome::GapTimeout
+            };
+            futures_lite::future::or(stop, futures_lite::future::or(read, gap)).await
+        }
+    }
+}
+
+fn record_hole(shared: &Shared, first: u64, last: u64, why: &str) {
+    Counters::add(&shared.counters.holes_skipped, 1);
+    Counters::add(&shared.counters.seqs_skipped, last - first + 1);
+    shared.faults.warn(Fault::Hole, || {
+        format!("skipping missing events {first}..={last} ({why})")
+    });
+}
+
+/// Parses every complete line of the last read and offers it to the resequencer.
+fn process_lines(
+    shared: &Shared,
+    splitter: &mut LineSplitter,
+    reseq: &mut Resequencer,
+    batch: &mut OrderedBatch,
+) {
+    let mut tally = ReadTally::default();
+    while let Some(line) = splitter.next_line() {
+        tally.received += 1;
+        let line = match line {
+            Line::Complete(line) => line,
+            Line::TooLong => {
+                tally.too_long += 1;
+                shared.faults.warn(Fault::TooLong, || {
+                    format!(
+                        "skipping an event line longer than --max-line ({})",
+                        shared.config.max_line
+                    )
+                });
+                continue;
+            }
+        };
+        let event = match parse_event(line) {
+            Ok(event) => event,
+            Err(error) => {
+                tally.unparseable += 1;
+                shared.faults.warn(Fault::Unparseable, || match error {
+                    LineError::Empty => "dropping an empty event line".to_string(),
+                    LineError::BadSeq => format!(
+                        "dropping an event line without a valid seq: \"{}\"",
+                        excerpt(line)
+                    ),
+                });
+                continue;
+            }
+        };
+        if event.kind == EventKind::Malformed {
+            tally.malformed += 1;
+            shared.faults.warn(Fault::Malformed, || {
+                format!(
+                    "malformed event, its seq is consumed as a no-op: \"{}\"",
+                    excerpt(line)
+                )
+            });
+        }
+        match reseq.offer(event, line, batch) {
+            Admission::Accepted => {}
+            Admission::Duplicate => {
+                tally.duplicate += 1;
+                shared.faults.warn(Fault::Duplicate, || {
+                    format!(
+                        "dropping a duplicate of waiting event {}: \"{}\"",
+                        event.seq,
+                        excerpt(line)
+                    )
+                });
+            }
+            Admission::AlreadyDelivered => {
+                tally.already_delivered += 1;
+                shared.faults.warn(Fault::Duplicate, || {
+                    format!(
+                        "dropping event {}: already delivered: \"{}\"",
+                        event.seq,
+                        excerpt(line)
+                    )
+                });
+            }
+            Admission::BeyondWindow => {
+                tally.beyond_window += 1;
+                shared.faults.warn(Fault::BeyondWindow, || {
+                    format!(
+                        "dropping event {}: beyond the window of {} events after {}",
+                        event.seq,
+                        shared.config.resequencer_capacity,
+                        reseq.next_expected()
+                    )
+                });
+            }
+        }
+    }
+    reseq.end_of_read(batch);
+    let counters = &shared.counters;
+    Counters::add(&counters.events_received, tally.received);
+    Counters::add(&counters.events_malformed, tally.malformed);
+    Counters::add(&counters.lines_unparseable, tally.unparseable);
+    Counters::add(&counters.lines_too_long, tally.too_long);
+    Counters::add(&counters.events_duplicate, tally.duplicate);
+    Counters::add(&counters.events_already_delivered, tally.already_delivered);
+    Counters::add(&counters.events_beyond_window, tally.beyond_window);
+}

@@ -1,0 +1,203 @@
+//! Starting and stopping the server: binds the two listeners, starts one glommio executor per
+//! shard, and wires the sequencer, the acceptor and the shards together.
+//!
+//! Executor 0 runs the sequencer, the client acceptor, the stop watcher and shard 0; executor
+//! i > 0 runs shard i. [`start`] returns once the listeners are bound (so a test can use
+//! ephemeral ports at once); [`run`] is `start` then wait, as the binary uses it.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+
+use crate::acceptor::{self, Acceptor};
+use crate::config::{cpu_count, Config};
+use crate::notify::Latch;
+use crate::sequencer::{self, Sequencer};
+use crate::shard::{self, ShardCommand};
+use crate::stats::{Counters, FaultLog};
+
+/// How often the stop watcher looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// What every executor shares: the configuration, the counters, the fault log.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    /// The counters.
+    pub counters: Counters,
+    /// Rate-limited fault logging.
+    pub faults: FaultLog,
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// Where the event source connects.
+    pub event_addr: SocketAddr,
+    /// Where user clients connect.
+    pub client_addr: SocketAddr,
+    shared: Arc<Shared>,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The server's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Asks the server to stop (as SIGTERM does).
+    pub fn stop(&self) {
+        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every executor has ended.
+    pub fn wait(self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for executor in self.executors {
+            if let Err(error) = executor.join() {
+                result = Err(std::io::Error::other(format!("executor failed: {error}")));
+            }
+        }
+        result
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop_and_wait(self) -> std::io::Result<()> {
+        self.stop();
+        self.wait()
+    }
+}
+
+/// Binds the listeners and starts the executors.
+pub fn start(config: Config) -> std::io::Result<RunningServer> {
+    let event_listener = std::net::TcpListener::bind(config.event_addr)?;
+    let client_listener = std::net::TcpListener::bind(config.client_addr)?;
+    let event_addr = event_listener.local_addr()?;
+    let client_addr = client_listener.local_addr()?;
+    let cores = config.cores;
+    let pinned = cores <= cpu_count();
+    let shared = Arc::new(Shared {
+        config,
+        counters: Counters::default(),
+        faults: FaultLog::default(),
+    });
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
+        .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
+        .unzip();
+    let mut listeners = Some((event_listener.into_raw_fd(), client_listener.into_raw_fd()));
+    let mut executors = Vec::with_capacity(cores);
+    for (index, receiver) in receivers.into_iter().enumerate() {
+        let placement = if pinned {
+            Placement::Fixed(index)
+        } else {
+            Placement::Unbound
+        };
+        let shared = shared.clone();
+        let senders = senders.clone();
+        let listeners = if index == 0 { listeners.take() } else { None };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("efr-shard-{index}"))
+            .io_memory(shared.config.io_memory)
+            .preempt_timer(Duration::from_millis(10));
+        let handle = builder
+            .spawn(move || async move {
+                let queue = glommio::executor().create_task_queue(
+                    Shares::default(),
+                    Latency::Matters(Duration::from_millis(1)),
+                    "efr",
+                );
+                let main = async move {
+                    if let Some((event_fd, client_fd)) = listeners {
+                        start_front(shared.clone(), senders, event_fd, client_fd);
+                    } else {
+                        drop(senders);
+                    }
+                    shard::run(index, shared, receiver).await;
+                };
+                glommio::spawn_local_into(main, queue)
+                    .expect("task queue exists")
+                    .await;
+            })
+            .map_err(|error| {
+                std::io::Error::other(format!("cannot start executor {index}: {error}"))
+            })?;
+        executors.push(handle);
+    }
+    Ok(RunningServer {
+        event_addr,
+        client_addr,
+        shared,
+        executors,
+    })
+}
+
+/// Starts and runs a server until it is stopped.
+pub fn run(config: Config) -> std::io::Result<()> {
+    let server = start(config)?;
+    tracing::info!(
+        "efr-sharded listening: events on {}, clients on {}, {} shard(s)",
+        server.event_addr,
+        server.client_addr,
+        server.shared.config.cores
+    );
+    server.wait()
+}
+
+/// Executor 0's front end: sequencer, acceptor, stop watcher, stats logger.
+fn start_front(
+    shared: Arc<Shared>,
+    senders: Vec<flume::Sender<ShardCommand>>,
+    event_fd: i32,
+    client_fd: i32,
+) {
+    // SAFETY: both are bound, listening sockets handed over by `start`.
+    let (event_listener, client_listener) = unsafe {
+        (
+            glommio::net::TcpListener::from_raw_fd(event_fd),
+            glommio::net::TcpListener::from_raw_fd(client_fd),
+        )
+    };
+    let stop = Rc::new(Latch::default());
+    let sequencer = Rc::new(Sequencer::new(
+        shared.clone(),
+        senders.clone(),
+        stop.clone(),
+    ));
+    let acceptor = Rc::new(Acceptor {
+        shared: shared.clone(),
+        shards: senders,
+        stop: stop.clone(),
+    });
+    glommio::spawn_local(sequencer::run(event_listener, sequencer.clone())).detach();
+    glommio::spawn_local(acceptor::run(client_listener, acceptor)).detach();
+    if let Some(interval) = shared.config.stats_interval {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        glommio::spawn_local(async move {
+            while !stop.is_set() {
+                glommio::timer::sleep(interval).await;
+                tracing::info!("stats: {}", shared.counters.summary());
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(async move {
+        while !shared.config.shutdown.load(Ordering::SeqCst) {
+            glommio::timer::sleep(STOP_POLL).await;
+        }
+        tracing::info!("stopping: no new connections; writing out pending output");
+        stop.set();
+        while sequencer.session_active.get() {
+            glommio::timer::sleep(STOP_POLL).await;
+        }
+        sequencer.broadcast(|| ShardCommand::Shutdown).await;
+        tracing::info!("stopped ({})", shared.counters.summary());
+    })
+    .detach();
+}

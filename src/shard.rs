@@ -1,0 +1,244 @@
+//! One shard: the task that drains its command channel on its own executor, applies ordered
+//! batches to its [`Router`], wakes the writers of the clients that got output, and closes
+//! clients (backlog, session end, shutdown).
+//!
+//! The shard only ever appends to output buffers; writing is done by one writer task per
+//! client (`client.rs`), so a client that does not read never makes the shard wait.
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::net::TcpStream;
+
+use crate::batch::OrderedBatch;
+use crate::client::{self, ClientIo, CloseMode};
+use crate::notify::Notify;
+use crate::router::{ClientId, Router};
+use crate::server::Shared;
+use crate::stats::{Counters, Fault};
+
+/// What the sequencer and the acceptor send a shard, in the order it must act on them.
+#[derive(Debug)]
+pub enum ShardCommand {
+    /// Apply these ordered events.
+    Batch(Arc<OrderedBatch>),
+    /// A client of a user this shard owns identified itself: register it here, now. Its
+    /// notifications start with the next batch in this channel.
+    Register {
+        /// The user id it sent.
+        user: u64,
+        /// The connection, handed over from the executor that accepted it.
+        fd: OwnedFd,
+    },
+    /// The event source closed: write out every client's pending output, close every
+    /// client, forget the follow graph.
+    EndSession,
+    /// Stop: like `EndSession`, then end the shard once output is written (or the deadline).
+    Shutdown,
+}
+
+/// Commands handled before the shard lets its writers run; bounds the wait of a writer.
+const COMMANDS_PER_TURN: usize = 16;
+
+/// The state of one shard, shared by its command loop and its client tasks.
+pub struct ShardState {
+    /// Routing state and output buffers.
+    pub router: RefCell<Router>,
+    /// The I/O handle of each client slot, by [`ClientId`].
+    pub ios: RefCell<Vec<Option<Rc<ClientIo>>>>,
+    /// Client tasks still running (writers), and a wake-up when it reaches zero.
+    pub live_writers: std::cell::Cell<usize>,
+    /// Notified when the last writer ends.
+    pub writers_done: Notify,
+    /// Server-wide configuration and counters.
+    pub shared: Arc<Shared>,
+}
+
+impl ShardState {
+    fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
+        self.ios.borrow().get(client as usize).cloned().flatten()
+    }
+
+    /// Takes a client out of routing and asks its writer to close it.
+    pub fn close_client(&self, client: ClientId, mode: CloseMode) {
+        self.router.borrow_mut().detach(client);
+        if let Some(io) = self.io(client) {
+            io.close(mode);
+        }
+    }
+}
+
+/// Runs shard `index` until it receives [`ShardCommand::Shutdown`] (or every sender is gone).
+pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<ShardCommand>) {
+    let config = &shared.config;
+    let state = Rc::new(ShardState {
+        router: RefCell::new(Router::new(index, config.cores, config.max_client_backlog)),
+        ios: RefCell::new(Vec::new()),
+        live_writers: std::cell::Cell::new(0),
+        writers_done: Notify::default(),
+        shared: shared.clone(),
+    });
+    let mut dirty = Vec::new();
+    let mut over_backlog = Vec::new();
+    'commands: loop {
+        let Ok(first) = commands.recv_async().await else {
+            break;
+        };
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(command) = next.take() {
+            match command {
+                ShardCommand::Batch(batch) => {
+                    state.router.borrow_mut().apply(&batch);
+                }
+                ShardCommand::Register { user, fd } => register(&state, user, fd),
+                ShardCommand::EndSession => {
+                    close_all(&state, CloseMode::SessionEnd);
+                    state.router.borrow_mut().reset_graph();
+                }
+                ShardCommand::Shutdown => {
+                    close_all(&state, CloseMode::Shutdown);
+                    after_commands(&state, &mut dirty, &mut over_backlog);
+                    break 'commands;
+                }
+            }
+            handled += 1;
+            if handled < COMMANDS_PER_TURN {
+                next = commands.try_recv().ok();
+            }
+        }
+        after_commands(&state, &mut dirty, &mut over_backlog);
+        futures_lite::future::yield_now().await;
+    }
+    drain_writers(&state, shared.config.shutdown_timeout).await;
+}
+
+/// Wakes the writers of clients with new output and closes clients over their backlog.
+fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &mut Vec<ClientId>) {
+    let counters = &state.shared.counters;
+    let notifications = {
+        let mut router = state.router.borrow_mut();
+        router.take_dirty(dirty);
+        router.take_over_backlog(over_backlog);
+        router.take_notification_count()
+    };
+    Counters::add(&counters.notifications, notifications);
+    for &client in over_backlog.iter() {
+        let user = state.router.borrow().user_of(client);
+        Counters::add(&counters.clients_closed_backlog, 1);
+        state.shared.faults.warn(Fault::Backlog, || {
+            format!(
+                "closing client of user {user}: unsent output passed --max-client-backlog ({} bytes)",
+                state.shared.config.max_client_backlog
+            )
+        });
+        state.close_client(client, CloseMode::Abort);
+    }
+    let ios = state.ios.borrow();
+    for &client in dirty.iter() {
+        if let Some(Some(io)) = ios.get(client as usize) {
+            io.wake.notify();
+        }
+    }
+}
+
+fn register(state: &Rc<ShardState>, user: u64, fd: OwnedFd) {
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` is a connected TCP socket whose ownership was handed to us.
+    let write_stream = unsafe { TcpStream::from_raw_fd(raw) };
+    let _ = write_stream.set_nodelay(true);
+    // The reader gets its own descriptor of the same socket, so reading and writing are
+    // independent tasks. SAFETY: dup of a descriptor we own.
+    let read_fd = unsafe { libc::dup(write_stream.as_raw_fd()) };
+    if read_fd < 0 {
+        tracing::warn!(
+            "cannot register client of user {user}: dup failed: {}",
+            std::io::Error::last_os_error()
+        );
+        Counters::sub(&state.shared.counters.clients_open, 1);
+        return;
+    }
+    // SAFETY: a fresh descriptor from dup.
+    let read_stream = unsafe { TcpStream::from_raw_fd(read_fd) };
+    let client = state.router.borrow_mut().register(user);
+    let io = Rc::new(ClientIo::new(write_stream.as_raw_fd()));
+    {
+        let mut ios = state.ios.borrow_mut();
+        if ios.len() <= client as usize {
+            ios.resize(client as usize + 1, None);
+        }
+        ios[client as usize] = Some(io.clone());
+    }
+    Counters::add(&state.shared.counters.clients_registered, 1);
+    state.live_writers.set(state.live_writers.get() + 1);
+    glommio::spawn_local(client::write_loop(
+        state.clone(),
+        client,
+        io.clone(),
+        write_stream,
+    ))
+    .detach();
+    glommio::spawn_local(client::read_loop(state.clone(), client, io, read_stream)).detach();
+}
+
+fn close_all(state: &ShardState, mode: CloseMode) {
+    let open: Vec<ClientId> = state.router.borrow().open_clients().to_vec();
+    let counter = match mode {
+        CloseMode::Shutdown => &state.shared.counters.clients_closed_shutdown,
+        _ => &state.shared.counters.clients_closed_session_end,
+    };
+    Counters::add(counter, open.len() as u64);
+    let mut closing = Vec::with_capacity(open.len());
+    for client in open {
+        if let Some(io) = state.io(client) {
+            closing.push(io);
+        }
+        state.close_client(client, mode);
+    }
+    // A client that does not read must not hold its connection open for ever: whatever is
+    // still unwritten at the deadline is dropped.
+    if !closing.is_empty() && mode == CloseMode::SessionEnd {
+        let deadline = state.shared.config.shutdown_timeout;
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(deadline).await;
+            for io in closing {
+                io.close(CloseMode::Abort);
+            }
+        })
+        .detach();
+    }
+}
+
+/// Waits for every writer to finish, aborting the ones still writing after `deadline`.
+async fn drain_writers(state: &Rc<ShardState>, deadline: Duration) {
+    let all_done = async {
+        while state.live_writers.get() > 0 {
+            state.writers_done.wait().await;
+        }
+    };
+    let timed_out = async {
+        glommio::timer::sleep(deadline).await;
+        true
+    };
+    let late = futures_lite::future::or(
+        async {
+            all_done.await;
+            false
+        },
+        timed_out,
+    )
+    .await;
+    if late {
+        let ios: Vec<Rc<ClientIo>> = state.ios.borrow().iter().flatten().cloned().collect();
+        tracing::warn!(
+            "shutdown deadline passed; aborting {} client writers",
+            ios.len()
+        );
+        for io in ios {
+            io.close(CloseMode::Abort);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The server's counters, and fault logging limited to one line a second per kind.
+//!
+//! Counters are plain relaxed atomics shared by every executor. The hot paths add to them once
+//! per read or per batch, never once per event or per notification.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Every counter of the server.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// `(name, value)` for every counter, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Event source sessions started.
+    sessions,
+    /// Event source connections refused because a source was already connected.
+    sources_refused,
+    /// Event lines received (any content).
+    events_received,
+    /// Events released in order to the shards (malformed no-ops included).
+    events_delivered,
+    /// Lines whose seq parsed but whose rest did not; their seq was consumed as a no-op.
+    events_malformed,
+    /// Empty lines and lines whose seq does not parse; dropped.
+    lines_unparseable,
+    /// Lines longer than the line limit; skipped.
+    lines_too_long,
+    /// Unterminated last lines at source close; dropped.
+    partial_lines,
+    /// Events whose seq was already delivered or skipped; dropped.
+    events_already_delivered,
+    /// Copies of a waiting event; dropped (the first one wins).
+    events_duplicate,
+    /// Events beyond the resequencer window; dropped.
+    events_beyond_window,
+    /// Holes in the sequence that were skipped (gap timeout or source close).
+    holes_skipped,
+    /// Sequence numbers that never arrived and were skipped.
+    seqs_skipped,
+    /// Releases of the batch resequencer not contiguous with the previous one.
+    order_violations,
+    /// Notifications appended to client output.
+    notifications,
+    /// Bytes written to clients.
+    bytes_written,
+    /// Client connections accepted.
+    clients_accepted,
+    /// Clients that identified and were registered with their shard.
+    clients_registered,
+    /// Clients connected right now (identified or not).
+    clients_open,
+    /// Connections refused because --max-clients were open.
+    clients_refused_max,
+    /// Clients whose id line was not a u64.
+    clients_bad_id,
+    /// Clients whose id line was longer than the line limit.
+    clients_id_too_long,
+    /// Clients that sent no id within the handshake timeout.
+    clients_handshake_timeout,
+    /// Clients that closed (or reset) their connection.
+    clients_closed_by_peer,
+    /// Clients closed because their unsent output passed --max-client-backlog.
+    clients_closed_backlog,
+    /// Clients closed after a write error.
+    clients_closed_write_error,
+    /// Clients closed at the end of an event source session.
+    clients_closed_session_end,
+    /// Clients closed at shutdown.
+    clients_closed_shutdown,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n != 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Subtracts `n` from a gauge.
+    #[inline]
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// One log-friendly line: `name=value` for every non-zero counter.
+    pub fn summary(&self) -> String {
+        let mut line = String::new();
+        for (name, value) in self.snapshot() {
+            if value != 0 {
+                let _ = write!(line, "{name}={value} ");
+            }
+        }
+        line.trim_end().to_string()
+    }
+}
+
+/// Kinds of fault whose log lines are rate limited separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Fault {
+    /// A malformed event line.
+    Malformed,
+    /// An unparseable or empty line.
+    Unparseable,
+    /// An overlong line.
+    TooLong,
+    /// A partial last line.
+    PartialLine,
+    /// A duplicate or already delivered event.
+    Duplicate,
+    /// An event beyond the window.
+    BeyondWindow,
+    /// A skipped hole.
+    Hole,
+    /// A batch resequencer order violation.
+    OrderViolation,
+    /// A bad client handshake.
+    Handshake,
+    /// A client closed for its backlog.
+    Backlog,
+    /// A refused connection (second source, too many clients).
+    Refused,
+    /// A client write error.
+    WriteError,
+}
+
+const FAULT_KINDS: usize = 12;
+
+/// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
+#[derive(Debug)]
+pub struct FaultLog {
+    origin: Instant,
+    last_ms: [AtomicU64; FAULT_KINDS],
+    suppressed: [AtomicU64; FAULT_KINDS],
+}
+
+impl Default for FaultLog {
+    fn default() -> Self {
+        FaultLog {
+            origin: Instant::now(),
+            last_ms: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            suppressed: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Longest excerpt of peer bytes put in a log line.
+pub const EXCERPT_BYTES: usize = 64;
+
+/// The first [`EXCERPT_BYTES`] of `bytes`, escaped so that any byte is printable.
+pub fn excerpt(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    for &byte in bytes.iter().take(EXCERPT_BYTES) {
+        text.extend(std::ascii::escape_default(byte).map(char::from));
+    }
+    if bytes.len() > EXCERPT_BYTES {
+        let _ = write!(text, "... ({} bytes)", bytes.len());
+    }
+    text
+}
+
+impl FaultLog {
+    /// Logs `message` unless a line of this kind was logged less than a second ago.
+    pub fn warn(&self, kind: Fault, message: impl FnOnce() -> String) {
+        let now_ms = self.origin.elapsed().as_millis() as u64;
+        let last = &self.last_ms[kind as usize];
+        let previous = last.load(Ordering::Relaxed);
+        if previous != u64::MAX && now_ms < previous + 1000 {
+            self.suppressed[kind as usize].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if last
+            .compare_exchange(previous, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.suppressed[kind as usize].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed[kind as usize].swap(0, Ordering::Relaxed);
+        let text = message();
+        if suppressed > 0 {
+            tracing::warn!("{text} ({suppressed} more of this kind not logged)");
+        } else {
+            tracing::warn!("{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_escaped_and_shortened() {
+        assert_eq!(excerpt(b"1|B\r\x00\xff"), "1|B\\r\\x00\\xff");
+        let long = vec![b'a'; 100];
+        let text = excerpt(&long);
+        assert!(text.starts_with(&"a".repeat(64)));
+        assert!(text.ends_with("... (100 bytes)"));
+    }
+
+    #[test]
+    fn fault_log_suppresses_within_a_second() {
+        let log = FaultLog::default();
+        let mut logged = 0;
+        for _ in 0..5 {
+            log.warn(Fault::Malformed, || {
+                logged += 1;
+                String::from("x")
+            });
+        }
+        assert_eq!(logged, 1);
+        assert_eq!(
+            log.suppressed[Fault::Malformed as usize].load(Ordering::Relaxed),
+            4
+        );
+    }
+
+    #[test]
+    fn summary_lists_non_zero_counters() {
+        let counters = Counters::default();
+        Counters::add(&counters.events_received, 3);
+        assert_eq!(counters.summary(), "events_received=3");
+    }
+}

@@ -1,0 +1,268 @@
+//! Test support: a harness-style workload generator, an independent model of the expected
+//! notifications, and a driver that plays the event source and the user clients over real
+//! loopback TCP against a server started through the library's `start` entry.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use efr::config::Config;
+use efr::server::RunningServer;
+
+/// How long a test waits for anything before it fails.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A small deterministic generator (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// A harness-style workload: events in seq order (as lines) and the connected user ids.
+pub struct Workload {
+    pub events: Vec<String>,
+    pub clients: Vec<u64>,
+}
+
+/// The original harness's model: F, U, P 15% each, S 55%, B 0.01% (the rest of 0.01% is S
+/// too); users uniform over 1..=users, from != to; `clients` distinct connected users.
+pub fn harness_workload(seed: u64, events: usize, users: u64, clients: usize) -> Workload {
+    let mut rng = Rng::new(seed);
+    let mut lines = Vec::with_capacity(events);
+    for seq in 1..=events as u64 {
+        let roll = rng.below(10_000);
+        let from = 1 + rng.below(users);
+        let mut to = 1 + rng.below(users);
+        if to == from {
+            to = to % users + 1;
+        }
+        let line = if roll < 1 {
+            format!("{seq}|B")
+        } else if roll < 1501 {
+            format!("{seq}|F|{from}|{to}")
+        } else if roll < 3001 {
+            format!("{seq}|U|{from}|{to}")
+        } else if roll < 4501 {
+            format!("{seq}|P|{from}|{to}")
+        } else {
+            format!("{seq}|S|{from}")
+        };
+        lines.push(line);
+    }
+    let mut ids: Vec<u64> = (1..=users).collect();
+    rng.shuffle(&mut ids);
+    ids.truncate(clients);
+    Workload {
+        events: lines,
+        clients: ids,
+    }
+}
+
+/// Harness arrival order: contiguous batches of 1..=max events, each shuffled. Returns the
+/// batches as lists of 0-based event indices.
+pub fn harness_batches(seed: u64, events: usize, max: usize) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(seed ^ 0xBA7C);
+    let mut batches = Vec::new();
+    let mut next = 0;
+    while next < events {
+        let size = (1 + rng.below(max as u64) as usize).min(events - next);
+        let mut batch: Vec<usize> = (next..next + size).collect();
+        rng.shuffle(&mut batch);
+        batches.push(batch);
+        next += size;
+    }
+    batches
+}
+
+/// The expected notifications of each connected user, computed by walking the events in seq
+/// order with a plain follow graph. Independent of the server's code.
+pub fn expected_notifications(events: &[String], clients: &[u64]) -> HashMap<u64, Vec<String>> {
+    let connected: HashSet<u64> = clients.iter().copied().collect();
+    let mut followers: HashMap<u64, HashSet<u64>> = HashMap::new();
+    let mut expected: HashMap<u64, Vec<String>> =
+        clients.iter().map(|&c| (c, Vec::new())).collect();
+    let mut ordered: Vec<&String> = events.iter().collect();
+    ordered.sort_by_key(|line| line.split('|').next().unwrap().parse::<u64>().unwrap());
+    for line in ordered {
+        let fields: Vec<&str> = line.split('|').collect();
+        let num = |i: usize| fields[i].parse::<u64>().unwrap();
+        let notify = |user: u64, expected: &mut HashMap<u64, Vec<String>>| {
+            if connected.contains(&user) {
+                expected.get_mut(&user).unwrap().push(line.clone());
+            }
+        };
+        match fields[1] {
+            "F" => {
+                followers.entry(num(3)).or_default().insert(num(2));
+                notify(num(3), &mut expected);
+            }
+            "U" => {
+                if let Some(set) = followers.get_mut(&num(3)) {
+                    set.remove(&num(2));
+                }
+            }
+            "P" => notify(num(3), &mut expected),
+            "B" => {
+                for &c in clients {
+                    notify(c, &mut expected);
+                }
+            }
+            "S" => {
+                let mut targets: Vec<u64> = followers
+                    .get(&num(2))
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default();
+                targets.sort_unstable();
+                for user in targets {
+                    notify(user, &mut expected);
+                }
+            }
+            other => panic!("unknown type {other}"),
+        }
+    }
+    expected
+}
+
+/// Starts a server on ephemeral loopback ports.
+pub fn start_server(config: Config) -> RunningServer {
+    efr::server::start(config).expect("server starts")
+}
+
+/// Waits until the server has registered `count` clients in total.
+pub fn wait_registered(server: &RunningServer, count: u64) {
+    let deadline = Instant::now() + TEST_DEADLINE;
+    while server.counters().clients_registered.load(Ordering::Relaxed) < count {
+        assert!(
+            Instant::now() < deadline,
+            "clients were not registered in time: {}",
+            server.counters().summary()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A connected user client whose bytes are collected by a thread until EOF.
+pub struct Client {
+    pub user: u64,
+    pub stream: TcpStream,
+    reader: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Client {
+    /// Connects and sends the id line with `ending` ("\n" or "\r\n").
+    pub fn connect(addr: SocketAddr, user: u64, ending: &str) -> Client {
+        let mut stream = TcpStream::connect(addr).expect("client connects");
+        stream
+            .write_all(format!("{user}{ending}").as_bytes())
+            .unwrap();
+        let mut read_half = stream.try_clone().unwrap();
+        read_half.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = read_half.read_to_end(&mut bytes);
+            bytes
+        });
+        Client {
+            user,
+            stream,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits for EOF (the server closes clients at source close) and returns all bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.reader.take().unwrap().join().unwrap()
+    }
+}
+
+/// Connects one client per user and waits until the server registered all of them.
+pub fn connect_all(server: &RunningServer, users: &[u64], ending: &str) -> Vec<Client> {
+    let before = server.counters().clients_registered.load(Ordering::Relaxed);
+    let clients: Vec<Client> = users
+        .iter()
+        .map(|&u| Client::connect(server.client_addr, u, ending))
+        .collect();
+    wait_registered(server, before + users.len() as u64);
+    clients
+}
+
+/// Sends the events as the source: each batch of indices written at once, lines ended with
+/// `ending`; then closes the source.
+pub fn send_source(addr: SocketAddr, events: &[String], batches: &[Vec<usize>], ending: &str) {
+    let mut source = TcpStream::connect(addr).expect("source connects");
+    let mut buffer = Vec::new();
+    for batch in batches {
+        buffer.clear();
+        for &index in batch {
+            buffer.extend_from_slice(events[index].as_bytes());
+            buffer.extend_from_slice(ending.as_bytes());
+        }
+        source.write_all(&buffer).unwrap();
+    }
+    source.shutdown(Shutdown::Write).unwrap();
+    // Wait for the server to close the source connection (end of session).
+    let mut rest = Vec::new();
+    let _ = source.read_to_end(&mut rest);
+}
+
+/// Compares every client's bytes with its expected lines, line by line.
+pub fn check_clients(clients: Vec<Client>, expected: &HashMap<u64, Vec<String>>) {
+    for client in clients {
+        let user = client.user;
+        let bytes = client.finish();
+        let text = String::from_utf8(bytes).expect("utf-8 output");
+        let got: Vec<&str> = text.lines().collect();
+        let want = &expected[&user];
+        for (index, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+            assert_eq!(g, w, "client {user} line {index}");
+        }
+        assert_eq!(got.len(), want.len(), "client {user}: line count");
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "client {user}: unterminated output"
+        );
+    }
+}
+
+/// Reads lines from a stream until `count` lines have arrived.
+pub fn read_lines(stream: &TcpStream, count: usize) -> Vec<String> {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        lines.push(line);
+    }
+    lines
+}
+
+/// One full run: connect clients, send the workload in harness order, check every byte.
+pub fn harness_run(server: &RunningServer, workload: &Workload, seed: u64, ending: &str) {
+    let clients = connect_all(server, &workload.clients, ending);
+    let batches = harness_batches(seed, workload.events.len(), 100);
+    send_source(server.event_addr, &workload.events, &batches, ending);
+    let expected = expected_notifications(&workload.events, &workload.clients);
+    check_clients(clients, &expected);
+}
