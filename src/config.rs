@@ -119,6 +119,10 @@ pub struct Args {
     /// Log the counters every this many seconds (off when absent).
     #[arg(long, env = "EFR_STATS_INTERVAL")]
     pub stats_interval: Option<u64>,
+    /// Serve the counters in the Prometheus text format over HTTP on this address
+    /// (e.g. 127.0.0.1:9100; off when absent).
+    #[arg(long, env = "EFR_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why a configuration was refused.
@@ -166,6 +170,8 @@ pub struct Config {
     pub io_memory: usize,
     /// Period of the stats log line, if any.
     pub stats_interval: Option<Duration>,
+    /// Address of the Prometheus metrics endpoint, if any (port 0: ephemeral).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
 }
@@ -258,6 +264,7 @@ impl Args {
             shard_queue_depth: self.shard_queue_depth,
             io_memory: self.io_memory_kib * 1024,
             stats_interval: self.stats_interval.map(Duration::from_secs),
+            metrics_addr: self.metrics_addr,
             shutdown: Arc::new(AtomicBool::new(false)),
         })
     }

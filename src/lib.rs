@@ -13,6 +13,7 @@ pub mod batch;
 pub mod client;
 pub mod config;
 pub mod line;
+pub mod metrics;
 pub mod notify;
 pub mod protocol;
 pub mod resequencer;

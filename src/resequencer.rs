@@ -213,7 +213,12 @@ impl Resequencer {
                     return Admission::AlreadyDelivered;
                 }
                 if seq - self.next_expected >= self.window {
-                    return Admission::BeyondWindow;
+                    // The window is measured from the next expected seq; within one large
+                    // read it may be stale, so release the contiguous run first.
+                    release_run(ring, heap, &mut self.next_expected, out);
+                    if seq - self.next_expected >= self.window {
+                        return Admission::BeyondWindow;
+                    }
                 }
                 if seq == self.next_expected && heap.is_empty() {
                     out.push(event, payload);
@@ -260,14 +265,7 @@ impl Resequencer {
     #[inline]
     pub fn end_of_read(&mut self, out: &mut OrderedBatch) {
         if let Strategy::Heap { ring, heap } = &mut self.strategy {
-            while let Some(&Reverse(top)) = heap.peek() {
-                if top != self.next_expected {
-                    break;
-                }
-                heap.pop();
-                ring.release(top, out);
-                self.next_expected += 1;
-            }
+            release_run(ring, heap, &mut self.next_expected, out);
         }
     }
 
@@ -373,6 +371,24 @@ impl Resequencer {
         }
         buffer.clear();
         arena.clear();
+    }
+}
+
+/// Pops the heap's contiguous run from `next_expected` into `out`.
+#[inline]
+fn release_run(
+    ring: &mut Ring,
+    heap: &mut BinaryHeap<Reverse<u64>>,
+    next_expected: &mut u64,
+    out: &mut OrderedBatch,
+) {
+    while let Some(&Reverse(top)) = heap.peek() {
+        if top != *next_expected {
+            break;
+        }
+        heap.pop();
+        ring.release(top, out);
+        *next_expected += 1;
     }
 }
 
@@ -526,6 +542,19 @@ mod tests {
         assert_eq!(reseq.skip_hole(&mut out), Some(Hole { first: 6, last: 6 }));
         assert_eq!(reseq.skip_hole(&mut out), None);
         assert_eq!(out.seqs().collect::<Vec<_>>(), vec![1, 4, 5, 7]);
+    }
+
+    #[test]
+    fn one_read_longer_than_the_window_is_not_refused() {
+        // Regression: the heap released only at the end of a read, so inside one large read
+        // the window was measured from a stale next expected seq and in-window events were
+        // refused as beyond it.
+        let mut read: Vec<u64> = (1..=5_000).collect();
+        read.swap(0, 1);
+        for kind in [ResequencerKind::Heap, ResequencerKind::Stream] {
+            let (seqs, _) = run(kind, 100, &[read.clone()]);
+            assert_eq!(seqs, (1..=5_000).collect::<Vec<_>>(), "{kind:?}");
+        }
     }
 
     #[test]

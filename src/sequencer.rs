@@ -304,7 +304,8 @@ fn process_lines(
                 )
             });
         }
-        match reseq.offer(event, line, batch) {
+        let admission = reseq.offer(event, line, batch);
+        match admission {
             Admission::Accepted => {}
             Admission::Duplicate => {
                 tally.duplicate += 1;

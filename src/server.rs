@@ -6,7 +6,7 @@
 //! ephemeral ports at once); [`run`] is `start` then wait, as the binary uses it.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::acceptor::{self, Acceptor};
 use crate::config::{cpu_count, Config};
+use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, ShardCommand};
@@ -41,6 +42,8 @@ pub struct RunningServer {
     pub event_addr: SocketAddr,
     /// Where user clients connect.
     pub client_addr: SocketAddr,
+    /// Where the metrics endpoint listens, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -80,6 +83,14 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     let client_listener = std::net::TcpListener::bind(config.client_addr)?;
     let event_addr = event_listener.local_addr()?;
     let client_addr = client_listener.local_addr()?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(std::net::TcpListener::bind(addr)?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let cores = config.cores;
     let pinned = cores <= cpu_count();
     let shared = Arc::new(Shared {
@@ -90,7 +101,11 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
         .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
         .unzip();
-    let mut listeners = Some((event_listener.into_raw_fd(), client_listener.into_raw_fd()));
+    let mut listeners = Some(Listeners {
+        event: event_listener.into_raw_fd(),
+        client: client_listener.into_raw_fd(),
+        metrics: metrics_listener.map(IntoRawFd::into_raw_fd),
+    });
     let mut executors = Vec::with_capacity(cores);
     for (index, receiver) in receivers.into_iter().enumerate() {
         let placement = if pinned {
@@ -113,8 +128,8 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                     "efr",
                 );
                 let main = async move {
-                    if let Some((event_fd, client_fd)) = listeners {
-                        start_front(shared.clone(), senders, event_fd, client_fd);
+                    if let Some(listeners) = listeners {
+                        start_front(shared.clone(), senders, listeners);
                     } else {
                         drop(senders);
                     }
@@ -132,6 +147,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     Ok(RunningServer {
         event_addr,
         client_addr,
+        metrics_addr,
         shared,
         executors,
     })
@@ -146,21 +162,33 @@ pub fn run(config: Config) -> std::io::Result<()> {
         server.client_addr,
         server.shared.config.cores
     );
+    if let Some(addr) = server.metrics_addr {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
     server.wait()
 }
 
-/// Executor 0's front end: sequencer, acceptor, stop watcher, stats logger.
+/// The bound listening sockets, handed from `start` to executor 0.
+struct Listeners {
+    event: RawFd,
+    client: RawFd,
+    metrics: Option<RawFd>,
+}
+
+/// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger.
 fn start_front(
     shared: Arc<Shared>,
     senders: Vec<flume::Sender<ShardCommand>>,
-    event_fd: i32,
-    client_fd: i32,
+    listeners: Listeners,
 ) {
-    // SAFETY: both are bound, listening sockets handed over by `start`.
-    let (event_listener, client_listener) = unsafe {
+    // SAFETY: all are bound, listening sockets handed over by `start`, owned from here on.
+    let (event_listener, client_listener, metrics_listener) = unsafe {
         (
-            glommio::net::TcpListener::from_raw_fd(event_fd),
-            glommio::net::TcpListener::from_raw_fd(client_fd),
+            glommio::net::TcpListener::from_raw_fd(listeners.event),
+            glommio::net::TcpListener::from_raw_fd(listeners.client),
+            listeners
+                .metrics
+                .map(|fd| glommio::net::TcpListener::from_raw_fd(fd)),
         )
     };
     let stop = Rc::new(Latch::default());
@@ -176,6 +204,9 @@ fn start_front(
     });
     glommio::spawn_local(sequencer::run(event_listener, sequencer.clone())).detach();
     glommio::spawn_local(acceptor::run(client_listener, acceptor)).detach();
+    if let Some(listener) = metrics_listener {
+        glommio::spawn_local(metrics::run(listener, shared.clone(), stop.clone())).detach();
+    }
     if let Some(interval) = shared.config.stats_interval {
         let shared = shared.clone();
         let stop = stop.clone();

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($name:ident: $kind:literal, $doc:literal;)*) => {
         /// Every counter of the server.
         #[derive(Debug, Default)]
         pub struct Counters {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+            $(#[doc = $doc] pub $name: AtomicU64,)*
         }
 
         impl Counters {
@@ -20,67 +20,44 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
             }
+
+            /// `(name, kind, help)` for every counter: kind is `counter` or `gauge`.
+            pub fn descriptions() -> &'static [(&'static str, &'static str, &'static str)] {
+                &[$((stringify!($name), $kind, $doc),)*]
+            }
         }
     };
 }
 
 counters! {
-    /// Event source sessions started.
-    sessions,
-    /// Event source connections refused because a source was already connected.
-    sources_refused,
-    /// Event lines received (any content).
-    events_received,
-    /// Events released in order to the shards (malformed no-ops included).
-    events_delivered,
-    /// Lines whose seq parsed but whose rest did not; their seq was consumed as a no-op.
-    events_malformed,
-    /// Empty lines and lines whose seq does not parse; dropped.
-    lines_unparseable,
-    /// Lines longer than the line limit; skipped.
-    lines_too_long,
-    /// Unterminated last lines at source close; dropped.
-    partial_lines,
-    /// Events whose seq was already delivered or skipped; dropped.
-    events_already_delivered,
-    /// Copies of a waiting event; dropped (the first one wins).
-    events_duplicate,
-    /// Events beyond the resequencer window; dropped.
-    events_beyond_window,
-    /// Holes in the sequence that were skipped (gap timeout or source close).
-    holes_skipped,
-    /// Sequence numbers that never arrived and were skipped.
-    seqs_skipped,
-    /// Releases of the batch resequencer not contiguous with the previous one.
-    order_violations,
-    /// Notifications appended to client output.
-    notifications,
-    /// Bytes written to clients.
-    bytes_written,
-    /// Client connections accepted.
-    clients_accepted,
-    /// Clients that identified and were registered with their shard.
-    clients_registered,
-    /// Clients connected right now (identified or not).
-    clients_open,
-    /// Connections refused because --max-clients were open.
-    clients_refused_max,
-    /// Clients whose id line was not a u64.
-    clients_bad_id,
-    /// Clients whose id line was longer than the line limit.
-    clients_id_too_long,
-    /// Clients that sent no id within the handshake timeout.
-    clients_handshake_timeout,
-    /// Clients that closed (or reset) their connection.
-    clients_closed_by_peer,
-    /// Clients closed because their unsent output passed --max-client-backlog.
-    clients_closed_backlog,
-    /// Clients closed after a write error.
-    clients_closed_write_error,
-    /// Clients closed at the end of an event source session.
-    clients_closed_session_end,
-    /// Clients closed at shutdown.
-    clients_closed_shutdown,
+    sessions: "counter", "Event source sessions started.";
+    sources_refused: "counter", "Event source connections refused because a source was already connected.";
+    events_received: "counter", "Event lines received (any content).";
+    events_delivered: "counter", "Events released in order to the shards (malformed no-ops included).";
+    events_malformed: "counter", "Lines whose seq parsed but whose rest did not; their seq was consumed as a no-op.";
+    lines_unparseable: "counter", "Empty lines and lines whose seq does not parse; dropped.";
+    lines_too_long: "counter", "Lines longer than the line limit; skipped.";
+    partial_lines: "counter", "Unterminated last lines at source close; dropped.";
+    events_already_delivered: "counter", "Events whose seq was already delivered or skipped; dropped.";
+    events_duplicate: "counter", "Copies of a waiting event; dropped (the first one wins).";
+    events_beyond_window: "counter", "Events beyond the resequencer window; dropped.";
+    holes_skipped: "counter", "Holes in the sequence that were skipped (gap timeout or source close).";
+    seqs_skipped: "counter", "Sequence numbers that never arrived and were skipped.";
+    order_violations: "counter", "Releases of the batch resequencer not contiguous with the previous one.";
+    notifications: "counter", "Notifications appended to client output.";
+    bytes_written: "counter", "Bytes written to clients.";
+    clients_accepted: "counter", "Client connections accepted.";
+    clients_registered: "counter", "Clients that identified and were registered with their shard.";
+    clients_open: "gauge", "Clients connected right now (identified or not).";
+    clients_refused_max: "counter", "Connections refused because --max-clients were open.";
+    clients_bad_id: "counter", "Clients whose id line was not a u64.";
+    clients_id_too_long: "counter", "Clients whose id line was longer than the line limit.";
+    clients_handshake_timeout: "counter", "Clients that sent no id within the handshake timeout.";
+    clients_closed_by_peer: "counter", "Clients that closed (or reset) their connection.";
+    clients_closed_backlog: "counter", "Clients closed because their unsent output passed --max-client-backlog.";
+    clients_closed_write_error: "counter", "Clients closed after a write error.";
+    clients_closed_session_end: "counter", "Clients closed at the end of an event source session.";
+    clients_closed_shutdown: "counter", "Clients closed at shutdown.";
 }
 
 impl Counters {

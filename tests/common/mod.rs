@@ -103,7 +103,7 @@ pub fn expected_notifications(events: &[String], clients: &[u64]) -> HashMap<u64
     let mut followers: HashMap<u64, HashSet<u64>> = HashMap::new();
     let mut expected: HashMap<u64, Vec<String>> =
         clients.iter().map(|&c| (c, Vec::new())).collect();
-    let mut ordered: Vec<&String> = events.iter().collect();
+    let mut ordered: Vec<&String> = events.iter().filter(|line| is_well_formed(line)).collect();
     ordered.sort_by_key(|line| line.split('|').next().unwrap().parse::<u64>().unwrap());
     for line in ordered {
         let fields: Vec<&str> = line.split('|').collect();
@@ -143,6 +143,23 @@ pub fn expected_notifications(events: &[String], clients: &[u64]) -> HashMap<u64
         }
     }
     expected
+}
+
+/// Whether a line is a valid event: the model treats any other line as a no-op.
+pub fn is_well_formed(line: &str) -> bool {
+    let fields: Vec<&str> = line.split('|').collect();
+    let number = |f: &str| {
+        !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) && f.parse::<u64>().is_ok()
+    };
+    if fields.len() < 2 || !number(fields[0]) {
+        return false;
+    }
+    match (fields[1], fields.len()) {
+        ("F" | "U" | "P", 4) => number(fields[2]) && number(fields[3]),
+        ("S", 3) => number(fields[2]),
+        ("B", 2) => true,
+        _ => false,
+    }
 }
 
 /// Starts a server on ephemeral loopback ports.
