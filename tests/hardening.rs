@@ -346,8 +346,17 @@ struct Binary {
     client_addr: std::net::SocketAddr,
 }
 
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn start_binary(extra: &[&str]) -> Binary {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
+    let child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
         .args(["--event-port", "0", "--client-port", "0", "--cores", "2"])
         .args(extra)
         .env("RUST_LOG", "info")
@@ -356,7 +365,12 @@ fn start_binary(extra: &[&str]) -> Binary {
         .stderr(Stdio::piped())
         .spawn()
         .expect("efr-sharded starts");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut binary = Binary {
+        child,
+        event_addr: "0.0.0.0:0".parse().unwrap(),
+        client_addr: "0.0.0.0:0".parse().unwrap(),
+    };
+    let mut stderr = BufReader::new(binary.child.stderr.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
@@ -383,11 +397,9 @@ fn start_binary(extra: &[&str]) -> Binary {
                     sink.clear();
                 }
             });
-            return Binary {
-                child,
-                event_addr: event,
-                client_addr: client,
-            };
+            binary.event_addr = event;
+            binary.client_addr = client;
+            return binary;
         }
     }
 }
