@@ -188,7 +188,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
     }
     let mut batch = OrderedBatch::with_capacity(BATCH_CAPACITY_HINT);
     {
-        if splitter.partial_len() > 0 {
+        if splitter.has_partial_line() {
             let counter = if splitter.is_skipping() {
                 &counters.lines_too_long
             } else {
