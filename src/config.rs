@@ -66,7 +66,7 @@ impl From<ResequencerArg> for ResequencerKind {
 /// efr-sharded: forwards an unordered event stream, in sequence order, to the user clients
 /// it concerns, on N thread-per-core executors.
 #[derive(Debug, Parser)]
-#[command(name = "efr-sharded", version, about, long_about = None)]
+#[command(name = "efr-sharded", version)]
 pub struct Args {
     /// Number of executors (one shard each). More than the CPU count is allowed: the
     /// executors are then left unpinned and share the CPUs. Default: the CPU count.
