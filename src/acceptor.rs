@@ -17,7 +17,7 @@ use crate::notify::Latch;
 use crate::protocol::parse_u64;
 use crate::router::Ownership;
 use crate::server::Shared;
-use crate::shard::ShardCommand;
+use crate::shard::{send_command, ShardCommand};
 use crate::stats::{excerpt, Counters, Fault};
 
 /// What the acceptor needs: the shared state, where to send each shard's clients, the stop
@@ -128,11 +128,7 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if acceptor.shards[owner]
-        .send_async(ShardCommand::Register { user, fd })
-        .await
-        .is_err()
-    {
+    if !send_command(&acceptor.shards[owner], ShardCommand::Register { user, fd }).await {
         Counters::sub(&counters.clients_open, 1);
     }
 }

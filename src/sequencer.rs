@@ -20,7 +20,7 @@ use crate::notify::Latch;
 use crate::protocol::{parse_event, EventKind, LineError};
 use crate::resequencer::{Admission, Resequencer};
 use crate::server::Shared;
-use crate::shard::ShardCommand;
+use crate::shard::{reactor_pass, send_command, ShardCommand};
 use crate::stats::{excerpt, Counters, Fault};
 
 /// Events a new batch has room for before it grows (a 64 KiB read holds about 4,000).
@@ -68,7 +68,7 @@ impl Sequencer {
     /// Sends a command to every shard, in shard order.
     pub async fn broadcast(&self, make: impl Fn() -> ShardCommand) {
         for shard in &self.shards {
-            let _ = shard.send_async(make()).await;
+            send_command(shard, make()).await;
         }
     }
 
@@ -77,6 +77,10 @@ impl Sequencer {
             return;
         }
         Counters::add(&self.shared.counters.events_delivered, batch.len() as u64);
+        Counters::add(
+            &self.shared.counters.batch_deliveries,
+            self.shards.len() as u64,
+        );
         let batch = Arc::new(batch);
         self.broadcast(|| ShardCommand::Batch(batch.clone())).await;
     }
@@ -177,7 +181,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
             }
         }
         sequencer.send_batch(batch).await;
-        futures_lite::future::yield_now().await;
+        reactor_pass().await;
     }
     drop(stream);
     if stopped {

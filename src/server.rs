@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
 use crate::config::{cpu_count, Config};
@@ -24,6 +24,20 @@ use crate::stats::{Counters, FaultLog};
 
 /// How often the stop watcher looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// glommio's preemption timer, effectively off.
+///
+/// glommio 0.9 parks an executor whose task queue is still runnable when a preemption is
+/// already pending as it starts running tasks (`run_task_queues` reads "preempted before
+/// running anything" as "nothing to run"; fixed in the community fork, not on crates.io). On a
+/// loaded machine a thread descheduled for longer than the preemption period right after
+/// polling I/O hits it, and the executor sleeps until some unrelated I/O arrives: measured
+/// here as 10M-event runs stalling for seconds with batches queued in an idle shard, far more
+/// often with a 1 ms period. efr does not rely on preemption: its long-running tasks (the
+/// sequencer and the shards) pass through the reactor explicitly after each turn
+/// ([`crate::shard::reactor_pass`]), so I/O and wake-ups from other executors are handled
+/// between turns. With the timer off the pending preemption never happens.
+const PREEMPT_TIMER: Duration = Duration::from_secs(3600);
 
 /// What every executor shares: the configuration, the counters, the fault log.
 #[derive(Debug)]
@@ -119,25 +133,20 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("efr-shard-{index}"))
             .io_memory(shared.config.io_memory)
-            .preempt_timer(Duration::from_millis(10));
+            .preempt_timer(PREEMPT_TIMER);
         let handle = builder
             .spawn(move || async move {
-                let queue = glommio::executor().create_task_queue(
-                    Shares::default(),
-                    Latency::Matters(Duration::from_millis(1)),
-                    "efr",
-                );
-                let main = async move {
+                // Everything runs as ordinary tasks of the default task queue; the executor's
+                // main future only waits for the shard to end.
+                glommio::spawn_local(async move {
                     if let Some(listeners) = listeners {
                         start_front(shared.clone(), senders, listeners);
                     } else {
                         drop(senders);
                     }
                     shard::run(index, shared, receiver).await;
-                };
-                glommio::spawn_local_into(main, queue)
-                    .expect("task queue exists")
-                    .await;
+                })
+                .await;
             })
             .map_err(|error| {
                 std::io::Error::other(format!("cannot start executor {index}: {error}"))

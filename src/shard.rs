@@ -43,6 +43,66 @@ pub enum ShardCommand {
 /// Commands handled before the shard lets its writers run; bounds the wait of a writer.
 const COMMANDS_PER_TURN: usize = 16;
 
+/// Longest a channel operation between executors waits for a wake-up before it looks again.
+///
+/// Measured here: with flume between glommio 0.9 executors, a wake-up from another thread is
+/// occasionally lost (a 10M-event run stalled with batches sitting in an idle shard's channel).
+/// Looking again after this long makes progress independent of wake-ups; when wake-ups work,
+/// they come first and this costs nothing.
+pub const CHANNEL_RECHECK: Duration = Duration::from_millis(1);
+
+/// How long a long-running task (the sequencer, a shard) sleeps after each turn.
+const REACTOR_PASS: Duration = Duration::from_micros(20);
+
+/// Lets the executor poll I/O and run the other tasks before the caller goes on.
+///
+/// A plain `yield_now` keeps the task queue runnable, and glommio then polls I/O only at
+/// preemption, which efr keeps off (see `server.rs`). A short timer empties the queue instead:
+/// the executor polls I/O, runs the writers and readers it woke, then resumes the caller.
+pub async fn reactor_pass() {
+    glommio::timer::sleep(REACTOR_PASS).await;
+}
+
+/// Sends a command to a shard, waiting while its channel is full. Returns false when the
+/// shard is gone.
+pub async fn send_command(shard: &flume::Sender<ShardCommand>, command: ShardCommand) -> bool {
+    let mut command = command;
+    loop {
+        match shard.try_send(command) {
+            Ok(()) => return true,
+            Err(flume::TrySendError::Disconnected(_)) => return false,
+            Err(flume::TrySendError::Full(returned)) => {
+                command = returned;
+                glommio::timer::sleep(CHANNEL_RECHECK).await;
+            }
+        }
+    }
+}
+
+/// Receives the next command, or `None` when every sender is gone.
+async fn recv_command(commands: &flume::Receiver<ShardCommand>) -> Option<ShardCommand> {
+    loop {
+        match commands.try_recv() {
+            Ok(command) => return Some(command),
+            Err(flume::TryRecvError::Disconnected) => return None,
+            Err(flume::TryRecvError::Empty) => {}
+        }
+        let woken = futures_lite::future::or(
+            async { commands.recv_async().await.ok().map(Some) },
+            async {
+                glommio::timer::sleep(CHANNEL_RECHECK).await;
+                Some(None)
+            },
+        )
+        .await;
+        match woken {
+            Some(Some(command)) => return Some(command),
+            Some(None) => continue,
+            None => return None,
+        }
+    }
+}
+
 /// The state of one shard, shared by its command loop and its client tasks.
 pub struct ShardState {
     /// Routing state and output buffers.
@@ -84,7 +144,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
     let mut dirty = Vec::new();
     let mut over_backlog = Vec::new();
     'commands: loop {
-        let Ok(first) = commands.recv_async().await else {
+        let Some(first) = recv_command(&commands).await else {
             break;
         };
         let mut next = Some(first);
@@ -93,6 +153,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
             match command {
                 ShardCommand::Batch(batch) => {
                     state.router.borrow_mut().apply(&batch);
+                    Counters::add(&state.shared.counters.batches_applied, 1);
                 }
                 ShardCommand::Register { user, fd } => register(&state, user, fd),
                 ShardCommand::EndSession => {
@@ -111,7 +172,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
             }
         }
         after_commands(&state, &mut dirty, &mut over_backlog);
-        futures_lite::future::yield_now().await;
+        reactor_pass().await;
     }
     drain_writers(&state, shared.config.shutdown_timeout).await;
 }

@@ -44,6 +44,8 @@ counters! {
     holes_skipped: "counter", "Holes in the sequence that were skipped (gap timeout or source close).";
     seqs_skipped: "counter", "Sequence numbers that never arrived and were skipped.";
     order_violations: "counter", "Releases of the batch resequencer not contiguous with the previous one.";
+    batch_deliveries: "counter", "Ordered batches queued to shards (one per shard per batch).";
+    batches_applied: "counter", "Ordered batches applied by shards (equal to batch_deliveries when shards are idle).";
     notifications: "counter", "Notifications appended to client output.";
     bytes_written: "counter", "Bytes written to clients.";
     clients_accepted: "counter", "Client connections accepted.";
