@@ -5,19 +5,20 @@
 //! connected is one well-defined point of that shard's ordered stream: it receives exactly the
 //! notifications of the batches queued after its registration.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures_lite::AsyncReadExt;
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
+use crate::channel;
 use crate::notify::Latch;
 use crate::protocol::parse_u64;
 use crate::router::Ownership;
 use crate::server::Shared;
-use crate::shard::{send_command, ShardCommand};
+use crate::shard::ShardCommand;
 use crate::stats::{excerpt, Counters, Fault};
 
 /// What the acceptor needs: the shared state, where to send each shard's clients, the stop
@@ -42,22 +43,16 @@ enum Handshake {
 }
 
 /// Accepts clients until the stop signal.
-pub async fn run(listener: TcpListener, acceptor: Rc<Acceptor>) {
+pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+        let next = futures_lite::future::or(channel::recv(&accepted), async {
             acceptor.stop.wait().await;
             None
         })
         .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                tracing::warn!("client accept failed: {error}");
-                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
+        let Some(fd) = next else {
+            break;
         };
         let counters = &acceptor.shared.counters;
         Counters::add(&counters.clients_accepted, 1);
@@ -73,6 +68,8 @@ pub async fn run(listener: TcpListener, acceptor: Rc<Acceptor>) {
             });
             continue;
         }
+        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         glommio::spawn_local(identify(stream, acceptor.clone(), ownership.clone())).detach();
     }
 }
@@ -128,7 +125,7 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if !send_command(&acceptor.shards[owner], ShardCommand::Register { user, fd }).await {
+    if !channel::send(&acceptor.shards[owner], ShardCommand::Register { user, fd }).await {
         Counters::sub(&counters.clients_open, 1);
     }
 }

@@ -10,9 +10,11 @@
 
 pub mod acceptor;
 pub mod batch;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod line;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

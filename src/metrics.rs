@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
+use glommio::net::TcpStream;
+
+use crate::channel;
 use crate::notify::Latch;
 use crate::server::Shared;
 use crate::stats::Counters;
@@ -51,23 +54,19 @@ pub fn resident_memory_bytes() -> Option<u64> {
 }
 
 /// Serves the metrics page until the stop signal.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, stop: Rc<Latch>) {
+pub async fn run(accepted: flume::Receiver<OwnedFd>, shared: Arc<Shared>, stop: Rc<Latch>) {
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+        let next = futures_lite::future::or(channel::recv(&accepted), async {
             stop.wait().await;
             None
         })
         .await;
-        match accepted {
-            None => break,
-            Some(Ok(stream)) => {
-                glommio::spawn_local(answer(stream, shared.clone())).detach();
-            }
-            Some(Err(error)) => {
-                tracing::warn!("metrics accept failed: {error}");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        let Some(fd) = next else {
+            break;
+        };
+        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        glommio::spawn_local(answer(stream, shared.clone())).detach();
     }
 }
 

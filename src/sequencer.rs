@@ -12,15 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
-use glommio::net::{TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
+use glommio::net::TcpStream;
 
 use crate::batch::OrderedBatch;
+use crate::channel;
 use crate::line::{Line, LineSplitter};
 use crate::notify::Latch;
 use crate::protocol::{parse_event, EventKind, LineError};
 use crate::resequencer::{Admission, Resequencer};
 use crate::server::Shared;
-use crate::shard::{reactor_pass, send_command, ShardCommand};
+use crate::shard::{reactor_pass, ShardCommand};
 use crate::stats::{excerpt, Counters, Fault};
 
 /// Events a new batch has room for before it grows (a 64 KiB read holds about 4,000).
@@ -68,7 +71,7 @@ impl Sequencer {
     /// Sends a command to every shard, in shard order.
     pub async fn broadcast(&self, make: impl Fn() -> ShardCommand) {
         for shard in &self.shards {
-            send_command(shard, make()).await;
+            channel::send(shard, make()).await;
         }
     }
 
@@ -87,22 +90,18 @@ impl Sequencer {
 }
 
 /// Accepts event sources until the stop signal; refuses a second one while one is connected.
-pub async fn run(listener: TcpListener, sequencer: Rc<Sequencer>) {
+pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+        let next = futures_lite::future::or(channel::recv(&accepted), async {
             sequencer.stop.wait().await;
             None
         })
         .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                tracing::warn!("event source accept failed: {error}");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let Some(fd) = next else {
+            break;
         };
+        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         if sequencer.session_active.get() {
             Counters::add(&sequencer.shared.counters.sources_refused, 1);
             sequencer.shared.faults.warn(Fault::Refused, || {

@@ -6,7 +6,7 @@
 //! ephemeral ports at once); [`run`] is `start` then wait, as the binary uses it.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
 use crate::config::{cpu_count, Config};
+use crate::listener::{AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
@@ -60,6 +61,7 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    accept_threads: Vec<AcceptThread>,
 }
 
 impl RunningServer {
@@ -73,13 +75,20 @@ impl RunningServer {
         self.shared.config.shutdown.store(true, Ordering::SeqCst);
     }
 
-    /// Waits until every executor has ended.
+    /// Waits until every executor has ended (after a stop), then ends the accept threads.
     pub fn wait(self) -> std::io::Result<()> {
         let mut result = Ok(());
         for executor in self.executors {
             if let Err(error) = executor.join() {
                 result = Err(std::io::Error::other(format!("executor failed: {error}")));
             }
+        }
+        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+        for thread in &self.accept_threads {
+            thread.interrupt();
+        }
+        for thread in self.accept_threads {
+            thread.join();
         }
         result
     }
@@ -115,10 +124,40 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
         .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
         .unzip();
+    let (event_sender, event_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+    let (client_sender, client_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+    let stop_flag = shared.config.shutdown.clone();
+    let mut accept_threads = vec![
+        AcceptThread::spawn(
+            "efr-accept-events",
+            event_listener,
+            event_sender,
+            stop_flag.clone(),
+        )?,
+        AcceptThread::spawn(
+            "efr-accept-clients",
+            client_listener,
+            client_sender,
+            stop_flag.clone(),
+        )?,
+    ];
+    let metrics_receiver = match metrics_listener {
+        Some(listener) => {
+            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            accept_threads.push(AcceptThread::spawn(
+                "efr-accept-metrics",
+                listener,
+                sender,
+                stop_flag,
+            )?);
+            Some(receiver)
+        }
+        None => None,
+    };
     let mut listeners = Some(Listeners {
-        event: event_listener.into_raw_fd(),
-        client: client_listener.into_raw_fd(),
-        metrics: metrics_listener.map(IntoRawFd::into_raw_fd),
+        events: event_receiver,
+        clients: client_receiver,
+        metrics: metrics_receiver,
     });
     let mut executors = Vec::with_capacity(cores);
     for (index, receiver) in receivers.into_iter().enumerate() {
@@ -159,6 +198,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         metrics_addr,
         shared,
         executors,
+        accept_threads,
     })
 }
 
@@ -177,11 +217,11 @@ pub fn run(config: Config) -> std::io::Result<()> {
     server.wait()
 }
 
-/// The bound listening sockets, handed from `start` to executor 0.
+/// What executor 0 accepts from: the accept threads' channels and the metrics listener.
 struct Listeners {
-    event: RawFd,
-    client: RawFd,
-    metrics: Option<RawFd>,
+    events: flume::Receiver<OwnedFd>,
+    clients: flume::Receiver<OwnedFd>,
+    metrics: Option<flume::Receiver<OwnedFd>>,
 }
 
 /// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger.
@@ -190,16 +230,6 @@ fn start_front(
     senders: Vec<flume::Sender<ShardCommand>>,
     listeners: Listeners,
 ) {
-    // SAFETY: all are bound, listening sockets handed over by `start`, owned from here on.
-    let (event_listener, client_listener, metrics_listener) = unsafe {
-        (
-            glommio::net::TcpListener::from_raw_fd(listeners.event),
-            glommio::net::TcpListener::from_raw_fd(listeners.client),
-            listeners
-                .metrics
-                .map(|fd| glommio::net::TcpListener::from_raw_fd(fd)),
-        )
-    };
     let stop = Rc::new(Latch::default());
     let sequencer = Rc::new(Sequencer::new(
         shared.clone(),
@@ -211,10 +241,10 @@ fn start_front(
         shards: senders,
         stop: stop.clone(),
     });
-    glommio::spawn_local(sequencer::run(event_listener, sequencer.clone())).detach();
-    glommio::spawn_local(acceptor::run(client_listener, acceptor)).detach();
-    if let Some(listener) = metrics_listener {
-        glommio::spawn_local(metrics::run(listener, shared.clone(), stop.clone())).detach();
+    glommio::spawn_local(sequencer::run(listeners.events, sequencer.clone())).detach();
+    glommio::spawn_local(acceptor::run(listeners.clients, acceptor)).detach();
+    if let Some(accepted) = listeners.metrics {
+        glommio::spawn_local(metrics::run(accepted, shared.clone(), stop.clone())).detach();
     }
     if let Some(interval) = shared.config.stats_interval {
         let shared = shared.clone();

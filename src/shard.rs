@@ -14,6 +14,7 @@ use std::time::Duration;
 use glommio::net::TcpStream;
 
 use crate::batch::OrderedBatch;
+use crate::channel;
 use crate::client::{self, ClientIo, CloseMode};
 use crate::notify::Notify;
 use crate::router::{ClientId, Router};
@@ -43,14 +44,6 @@ pub enum ShardCommand {
 /// Commands handled before the shard lets its writers run; bounds the wait of a writer.
 const COMMANDS_PER_TURN: usize = 16;
 
-/// Longest a channel operation between executors waits for a wake-up before it looks again.
-///
-/// Measured here: with flume between glommio 0.9 executors, a wake-up from another thread is
-/// occasionally lost (a 10M-event run stalled with batches sitting in an idle shard's channel).
-/// Looking again after this long makes progress independent of wake-ups; when wake-ups work,
-/// they come first and this costs nothing.
-pub const CHANNEL_RECHECK: Duration = Duration::from_millis(1);
-
 /// How long a long-running task (the sequencer, a shard) sleeps after each turn.
 const REACTOR_PASS: Duration = Duration::from_micros(20);
 
@@ -61,46 +54,6 @@ const REACTOR_PASS: Duration = Duration::from_micros(20);
 /// the executor polls I/O, runs the writers and readers it woke, then resumes the caller.
 pub async fn reactor_pass() {
     glommio::timer::sleep(REACTOR_PASS).await;
-}
-
-/// Sends a command to a shard, waiting while its channel is full. Returns false when the
-/// shard is gone.
-pub async fn send_command(shard: &flume::Sender<ShardCommand>, command: ShardCommand) -> bool {
-    let mut command = command;
-    loop {
-        match shard.try_send(command) {
-            Ok(()) => return true,
-            Err(flume::TrySendError::Disconnected(_)) => return false,
-            Err(flume::TrySendError::Full(returned)) => {
-                command = returned;
-                glommio::timer::sleep(CHANNEL_RECHECK).await;
-            }
-        }
-    }
-}
-
-/// Receives the next command, or `None` when every sender is gone.
-async fn recv_command(commands: &flume::Receiver<ShardCommand>) -> Option<ShardCommand> {
-    loop {
-        match commands.try_recv() {
-            Ok(command) => return Some(command),
-            Err(flume::TryRecvError::Disconnected) => return None,
-            Err(flume::TryRecvError::Empty) => {}
-        }
-        let woken = futures_lite::future::or(
-            async { commands.recv_async().await.ok().map(Some) },
-            async {
-                glommio::timer::sleep(CHANNEL_RECHECK).await;
-                Some(None)
-            },
-        )
-        .await;
-        match woken {
-            Some(Some(command)) => return Some(command),
-            Some(None) => continue,
-            None => return None,
-        }
-    }
 }
 
 /// The state of one shard, shared by its command loop and its client tasks.
@@ -144,7 +97,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
     let mut dirty = Vec::new();
     let mut over_backlog = Vec::new();
     'commands: loop {
-        let Some(first) = recv_command(&commands).await else {
+        let Some(first) = channel::recv(&commands).await else {
             break;
         };
         let mut next = Some(first);

@@ -1,0 +1,72 @@
+//! Accept threads: a plain thread per listening socket blocks in `accept(2)` and hands each
+//! connection to executor 0 over a channel.
+//!
+//! glommio 0.9 accepts through io_uring on its latency ring, and that completion was measured
+//! here not waking a sleeping executor: a burst of connections stalled for a second at a time
+//! once the listen backlog filled (the clients' SYN retransmits), 400 connections taking 2 s.
+//! A blocking `accept(2)` on its own thread takes each connection as it comes; the executor
+//! side receives through [`crate::channel::recv`], which does not depend on wake-ups alone.
+
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Accepted connections queued towards executor 0 before the accept thread waits.
+pub const ACCEPT_QUEUE_DEPTH: usize = 1024;
+
+/// Pause after an accept error other than shutdown (e.g. out of file descriptors), so the
+/// thread does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// A running accept thread.
+pub struct AcceptThread {
+    fd: RawFd,
+    handle: JoinHandle<()>,
+}
+
+impl AcceptThread {
+    /// Starts accepting on `listener`; connections go to `sender` until `stop` is set and
+    /// [`AcceptThread::interrupt`] is called.
+    pub fn spawn(
+        name: &str,
+        listener: TcpListener,
+        sender: flume::Sender<OwnedFd>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<AcceptThread> {
+        let fd = listener.as_raw_fd();
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if sender.send(OwnedFd::from(stream)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) if stop.load(Ordering::SeqCst) => break,
+                    Err(error) => {
+                        tracing::warn!("accept failed: {error}");
+                        std::thread::sleep(ACCEPT_ERROR_PAUSE);
+                    }
+                }
+            })?;
+        Ok(AcceptThread { fd, handle })
+    }
+
+    /// Wakes the thread out of `accept(2)`; it ends if the stop flag is set.
+    pub fn interrupt(&self) {
+        // SAFETY: the listener is owned by the thread and open until the thread ends; a
+        // shutdown makes the blocked accept return an error.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(self) {
+        let _ = self.handle.join();
+    }
+}
