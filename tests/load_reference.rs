@@ -177,3 +177,23 @@ fn json_report_has_figures_params_and_machine() {
         assert!(summary.contains(word), "{summary}");
     }
 }
+
+#[test]
+fn tiny_flow_bounds_still_pass() {
+    // The source must wait for the readers (in-flight batches and pending notifications)
+    // without deadlocking.
+    let server = refserver::start(Fault::None);
+    let cfg = config(
+        &server,
+        &[
+            "--max-inflight-batches",
+            "2",
+            "--max-pending-notifications",
+            "30",
+            "harness",
+            "--total-events",
+            "5000",
+        ],
+    );
+    assert_pass(&efr::load::run(&cfg).unwrap());
+}

@@ -45,6 +45,8 @@ pub struct ReaderSettings {
     pub max_line: usize,
     /// Error messages kept.
     pub max_errors: usize,
+    /// The source's bound on pending notifications (to wake it when crossing below).
+    pub max_pending: u64,
 }
 
 /// One client connection handed to a reader: display name, user id, connected socket (its id
@@ -138,6 +140,9 @@ impl Reader {
         self.record_error(now, msg);
         let c = &mut self.clients[ci];
         c.failed = true;
+        self.shared
+            .pending_notifications
+            .fetch_sub(c.expect.len() as u64, Ordering::AcqRel);
         for tag in c.expect.drain(..) {
             self.retained[((tag >> INDEX_BITS) - self.base_no) as usize].pending -= 1;
         }

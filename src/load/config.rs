@@ -29,6 +29,9 @@ pub const DEFAULT_DRAIN_MS: u64 = 1_000;
 /// Default bound on batches in flight (handed to the readers and not yet fully received);
 /// the source waits when it is reached. Bounds memory on runs of any length.
 pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 4_096;
+/// Default bound on expected notifications not yet received (8 bytes each); the source waits
+/// when it is reached. Bounds memory when one event fans out to many clients.
+pub const DEFAULT_MAX_PENDING_NOTIFICATIONS: u64 = 16 << 20;
 /// Default read buffer of each reader thread, bytes.
 pub const DEFAULT_READ_BUFFER: usize = 256 * 1024;
 /// Default longest line accepted from the server, bytes; a longer one fails the client.
@@ -125,6 +128,9 @@ pub struct LoadConfig {
     /// Batches in flight before the source waits for the clients (bounds memory).
     #[arg(long, global = true, default_value_t = DEFAULT_MAX_INFLIGHT_BATCHES)]
     pub max_inflight_batches: usize,
+    /// Expected notifications not yet received before the source waits (bounds memory).
+    #[arg(long, global = true, default_value_t = DEFAULT_MAX_PENDING_NOTIFICATIONS)]
+    pub max_pending_notifications: u64,
     /// Read buffer per reader thread, bytes.
     #[arg(long, global = true, default_value_t = DEFAULT_READ_BUFFER)]
     pub read_buffer: usize,

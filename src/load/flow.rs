@@ -20,6 +20,9 @@ pub struct Shared {
     pub inflight: AtomicUsize,
     /// The source thread, unparked when a batch is released.
     pub source_thread: OnceLock<Thread>,
+    /// Expected notifications not yet received (updated by the readers once per batch and
+    /// once per read call).
+    pub pending_notifications: AtomicU64,
     /// Event lines written so far.
     pub events_written: AtomicU64,
     /// Bytes written by the source.
@@ -45,6 +48,7 @@ impl Shared {
             epoch: Instant::now(),
             abort: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            pending_notifications: AtomicU64::new(0),
             source_thread: OnceLock::new(),
             events_written: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),

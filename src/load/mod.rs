@@ -117,7 +117,9 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let (user0, sys0, _) = report::rusage();
 
     let readers = config.reader_threads(users.len());
+    let connect_start = std::time::Instant::now();
     let per_reader = connect_clients(config, &users, readers)?;
+    let connect_s = connect_start.elapsed().as_secs_f64();
     let shared = Shared::new(users.len() as u64);
     let settings = ReaderSettings {
         timeout_ms: config.timeout,
@@ -125,6 +127,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         read_buffer: config.read_buffer,
         max_line: config.max_line,
         max_errors: config.max_errors_shown,
+        max_pending: config.max_pending_notifications,
     };
     let mut senders = Vec::new();
     let mut reader_handles: Vec<JoinHandle<anyhow::Result<ReaderOutcome>>> = Vec::new();
@@ -158,6 +161,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let source_settings = SourceSettings {
         rate: config.rate,
         max_inflight: config.max_inflight_batches,
+        max_pending: config.max_pending_notifications,
     };
     let source_shared = shared.clone();
     let source_handle: JoinHandle<(SourceOutcome, u64)> = std::thread::Builder::new()
@@ -251,6 +255,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         cpu_ns_per_notification: (notifications > 0).then(|| cpu * 1e9 / notifications as f64),
         peak_rss_bytes: peak_rss,
         reader_threads: readers,
+        connect_s,
         params: serde_json::json!({ "global": config, "workload": cmd }),
         machine: report::machine(),
     };

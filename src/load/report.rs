@@ -83,6 +83,8 @@ pub struct Report {
     pub peak_rss_bytes: u64,
     /// Client reader threads.
     pub reader_threads: usize,
+    /// Time to connect every client and send its id, seconds.
+    pub connect_s: f64,
     /// The parameters.
     pub params: serde_json::Value,
     /// The machine.
@@ -117,8 +119,8 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "efr-load {} against {}: {} clients, {} reader thread(s)",
-            self.workload, self.server, self.clients, self.reader_threads
+            "efr-load {} against {}: {} clients (connected in {:.2}s), {} reader thread(s)",
+            self.workload, self.server, self.clients, self.connect_s, self.reader_threads
         );
         let _ = writeln!(
             s,

@@ -4,8 +4,8 @@
 //! The hand-off comes first so that a reader always knows a notification before the server
 //! can send it. The source blocks in two places only, both after the previous batch was fully
 //! written, so it cannot deadlock with a correct server: on TCP backpressure while writing,
-//! and when [`Shared::inflight`] batches are still held by readers whose clients lag (the
-//! memory bound). Both waits give up when the run is aborted.
+//! and when [`Shared::inflight`] batches or [`Shared::pending_notifications`] expectations
+//! are still held by readers whose clients lag (the memory bound). Both waits give up when the run is aborted.
 
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
@@ -37,6 +37,8 @@ pub struct SourceSettings {
     pub rate: Option<f64>,
     /// Most batches in flight before the source waits.
     pub max_inflight: usize,
+    /// Most expected notifications not yet received before the source waits.
+    pub max_pending: u64,
 }
 
 fn write_all_abortable(
