@@ -186,11 +186,20 @@ impl Reader {
     }
 
     fn drain_chunks(&mut self, now: u64) {
+        let mut took = false;
         while !self.rx_done {
             match self.rx.try_recv() {
-                Ok(chunk) => self.take_chunk(chunk, now),
+                Ok(chunk) => {
+                    self.take_chunk(chunk, now);
+                    took = true;
+                }
                 Err(flume::TryRecvError::Empty) => break,
                 Err(flume::TryRecvError::Disconnected) => self.rx_done = true,
+            }
+        }
+        if took {
+            if let Some(t) = self.shared.source_thread.get() {
+                t.unpark();
             }
         }
     }

@@ -28,16 +28,18 @@ pub const DEFAULT_SETTLE_MS: u64 = 100;
 pub const DEFAULT_DRAIN_MS: u64 = 1_000;
 /// Default bound on batches in flight (handed to the readers and not yet fully received);
 /// the source waits when it is reached. Bounds memory on runs of any length.
-pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 4_096;
+pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 1_024;
 /// Default bound on expected notifications not yet received (8 bytes each); the source waits
 /// when it is reached. Bounds memory when one event fans out to many clients.
-pub const DEFAULT_MAX_PENDING_NOTIFICATIONS: u64 = 16 << 20;
+pub const DEFAULT_MAX_PENDING_NOTIFICATIONS: u64 = 4 << 20;
 /// Default read buffer of each reader thread, bytes.
 pub const DEFAULT_READ_BUFFER: usize = 256 * 1024;
 /// Default longest line accepted from the server, bytes; a longer one fails the client.
 pub const DEFAULT_MAX_LINE: usize = 4_096;
 /// Default number of error messages shown (all are counted).
 pub const DEFAULT_MAX_ERRORS_SHOWN: usize = 10;
+/// Default number of threads that connect the clients in parallel.
+pub const DEFAULT_CONNECT_THREADS: usize = 16;
 /// Default timeout of each TCP connect, ms.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 
@@ -140,6 +142,9 @@ pub struct LoadConfig {
     /// Error messages shown (all are counted).
     #[arg(long, global = true, default_value_t = DEFAULT_MAX_ERRORS_SHOWN)]
     pub max_errors_shown: usize,
+    /// Threads that connect the clients in parallel before the run.
+    #[arg(long, global = true, default_value_t = DEFAULT_CONNECT_THREADS)]
+    pub connect_threads: usize,
     /// Timeout of each TCP connect, ms.
     #[arg(long, global = true, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS, value_name = "MS")]
     pub connect_timeout_ms: u64,

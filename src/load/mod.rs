@@ -79,6 +79,27 @@ fn client_names(users: &[u64]) -> Vec<String> {
         .collect()
 }
 
+fn connect_one(
+    addr: SocketAddr,
+    timeout: Duration,
+    user: u64,
+    name: &str,
+    ending: &[u8],
+) -> anyhow::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting {name} to {addr}"))?;
+    let mut line = Vec::with_capacity(24);
+    workload::push_u64(&mut line, user);
+    line.extend_from_slice(ending);
+    stream
+        .write_all(&line)
+        .with_context(|| format!("sending the id of {name}"))?;
+    Ok(stream)
+}
+
+/// Connects every client and sends its id line, `--connect-threads` at a time (so that a
+/// server slow to accept, or a retransmitted SYN, does not serialize 10,000 connects), and
+/// deals them to the readers: client i goes to reader i % readers.
 fn connect_clients(
     config: &LoadConfig,
     users: &[u64],
@@ -87,17 +108,33 @@ fn connect_clients(
     let addr = resolve(&config.host, config.client_port)?;
     let timeout = Duration::from_millis(config.connect_timeout_ms);
     let names = client_names(users);
+    let threads = config.connect_threads.clamp(1, users.len().max(1));
+    let per_thread = users.len().div_ceil(threads).max(1);
+    let ending = config.line_ending.bytes();
+    let streams: Vec<TcpStream> = std::thread::scope(|scope| {
+        let handles: Vec<_> = users
+            .chunks(per_thread)
+            .zip(names.chunks(per_thread))
+            .map(|(us, ns)| {
+                scope.spawn(move || {
+                    us.iter()
+                        .zip(ns)
+                        .map(|(&u, n)| connect_one(addr, timeout, u, n, ending))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(users.len());
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a connect thread panicked"))??,
+            );
+        }
+        Ok::<_, anyhow::Error>(all)
+    })?;
     let mut per_reader: Vec<Vec<ClientConn>> = (0..readers).map(|_| Vec::new()).collect();
-    let mut line = Vec::new();
-    for (i, (&user, name)) in users.iter().zip(names).enumerate() {
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("connecting {name} to {addr}"))?;
-        line.clear();
-        workload::push_u64(&mut line, user);
-        line.extend_from_slice(config.line_ending.bytes());
-        stream
-            .write_all(&line)
-            .with_context(|| format!("sending the id of {name}"))?;
+    for (i, ((stream, name), &user)) in streams.into_iter().zip(names).zip(users).enumerate() {
         per_reader[i % readers].push(ClientConn { name, user, stream });
     }
     Ok(per_reader)

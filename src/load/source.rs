@@ -19,6 +19,11 @@ use super::workload::Workload;
 /// How often a blocked write or a wait for released batches looks at the abort flag.
 pub const SOURCE_POLL: Duration = Duration::from_millis(50);
 
+/// Most batches handed to a reader that it has not yet taken: the readers count a batch's
+/// notifications only when they take it, so this keeps the pending-notification bound exact
+/// within a few batches.
+pub const MAX_UNTAKEN_BATCHES: usize = 32;
+
 /// What the source did.
 #[derive(Debug, Default)]
 pub struct SourceOutcome {
