@@ -1,1 +1,20 @@
-fn main() {}
+//! efr-load: load generator and verifier for Follower Maze servers. Parses the flags, runs
+//! [`efr::load::run`], prints the summary. Exit status: 0 pass, 1 verification failure,
+//! 2 usage or connection error.
+
+use clap::Parser;
+use efr::load::{LoadConfig, EXIT_FAIL, EXIT_USAGE};
+
+fn main() {
+    let config = LoadConfig::parse();
+    match efr::load::run(&config) {
+        Ok(report) => {
+            print!("{}", report.summary());
+            std::process::exit(if report.pass { 0 } else { EXIT_FAIL });
+        }
+        Err(e) => {
+            eprintln!("efr-load: {e:#}");
+            std::process::exit(EXIT_USAGE);
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! efr-load: the load generator and verifier. It plays the event source and the user clients
+//! of the Follower Maze protocol (PROTOCOL.md) against any server, checks every byte every
+//! client receives against its own model, and measures throughput, latency and its own cost.
+//!
+//! A run: connect every client and send its id line, wait `--settle-ms`, connect the event
+//! source and stream the workload's batches; the source hands each batch's deliverable events
+//! to every reader thread before writing it ([`source`]); each reader applies them to its own
+//! follow-graph model and checks its clients' lines ([`clients`]). After the last event the
+//! source closes its write side; the run ends when every client received everything expected
+//! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
+//! `--timeout` ms while expecting lines. This module is independent of the server's code.
+
+pub mod clients;
+pub mod config;
+pub mod flow;
+pub mod model;
+pub mod report;
+pub mod rng;
+pub mod source;
+pub mod workload;
+
+use std::io::{IsTerminal, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use config::{LoadConfig, ProgressMode, WorkloadCmd};
+pub use report::Report;
+
+use clients::{ClientConn, ReaderOutcome, ReaderSettings};
+use flow::Shared;
+use source::{SourceOutcome, SourceSettings};
+
+/// How often the progress display is refreshed.
+pub const PROGRESS_TICK: Duration = Duration::from_millis(100);
+/// How often a plain progress line is printed when stderr is not a terminal.
+pub const PROGRESS_PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+/// File descriptors kept beyond one per client.
+pub const SPARE_FDS: u64 = 64;
+
+/// Raises the soft limit of open files toward `want` (up to the hard limit).
+fn raise_nofile(want: u64) {
+    // SAFETY: plain libc calls on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && (lim.rlim_cur as u64) < want {
+            lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}:{port}"))?
+        .next()
+        .with_context(|| format!("no address for {host}:{port}"))
+}
+
+/// Display names of the clients: `client <user>`, with `#k` for a user's k-th extra
+/// connection.
+fn client_names(users: &[u64]) -> Vec<String> {
+    let mut seen = ahash::AHashMap::new();
+    users
+        .iter()
+        .map(|&u| {
+            let k = seen.entry(u).or_insert(0u32);
+            *k += 1;
+            if *k == 1 {
+                format!("client {u}")
+            } else {
+                format!("client {u}#{k}")
+            }
+        })
+        .collect()
+}
+
+fn connect_one(
+    addr: SocketAddr,
+    timeout: Duration,
+    user: u64,
+    name: &str,
+    ending: &[u8],
+) -> anyhow::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting {name} to {addr}"))?;
+    let mut line = Vec::with_capacity(24);
+    workload::push_u64(&mut line, user);
+    line.extend_from_slice(ending);
+    stream
+        .write_all(&line)
+        .with_context(|| format!("sending the id of {name}"))?;
+    Ok(stream)
+}
+
+/// Connects every client and sends its id line, `--connect-threads` at a time (so that a
+/// server slow to accept, or a retransmitted SYN, does not serialize 10,000 connects), and
+/// deals them to the readers: client i goes to reader i % readers.
+fn connect_clients(
+    config: &LoadConfig,
+    users: &[u64],
+    readers: usize,
+) -> anyhow::Result<Vec<Vec<ClientConn>>> {
+    let addr = resolve(&config.host, config.client_port)?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let names = client_names(users);
+    let threads = config.connect_threads.clamp(1, users.len().max(1));
+    let per_thread = users.len().div_ceil(threads).max(1);
+    let ending = config.line_ending.bytes();
+    let streams: Vec<TcpStream> = std::thread::scope(|scope| {
+        let handles: Vec<_> = users
+            .chunks(per_thread)
+            .zip(names.chunks(per_thread))
+            .map(|(us, ns)| {
+                scope.spawn(move || {
+                    us.iter()
+                        .zip(ns)
+                        .map(|(&u, n)| connect_one(addr, timeout, u, n, ending))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(users.len());
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a connect thread panicked"))??,
+            );
+        }
+        Ok::<_, anyhow::Error>(all)
+    })?;
+    let mut per_reader: Vec<Vec<ClientConn>> = (0..readers).map(|_| Vec::new()).collect();
+    for (i, ((stream, name), &user)) in streams.into_iter().zip(names).zip(users).enumerate() {
+        per_reader[i % readers].push(ClientConn { name, user, stream });
+    }
+    Ok(per_reader)
+}
+
+/// Runs one load: connects, streams, verifies, measures. `Err` means the run could not be
+/// made (bad parameters, connect failure); a verification failure is `Ok` with
+/// `report.pass == false`.
+pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
+    config.validate()?;
+    let cmd = config.workload_cmd();
+    let mut workload = cmd.build(config.line_ending)?;
+    let users = workload.clients().to_vec();
+    let max_user = workload.max_user();
+    let total_events = workload.total_events();
+    raise_nofile(users.len() as u64 + SPARE_FDS);
+    let (user0, sys0, _) = report::rusage();
+
+    let readers = config.reader_threads(users.len());
+    let connect_start = std::time::Instant::now();
+    let per_reader = connect_clients(config, &users, readers)?;
+    let connect_s = connect_start.elapsed().as_secs_f64();
+    let shared = Shared::new(users.len() as u64);
+    let settings = ReaderSettings {
+        timeout_ms: config.timeout,
+        drain_ms: config.drain_ms,
+        read_buffer: config.read_buffer,
+        max_line: config.max_line,
+        max_errors: config.max_errors_shown,
+        max_pending: config.max_pending_notifications,
+    };
+    let mut senders = Vec::new();
+    let mut reader_handles: Vec<JoinHandle<anyhow::Result<ReaderOutcome>>> = Vec::new();
+    for (i, conns) in per_reader.into_iter().enumerate() {
+        let (tx, rx) = flume::unbounded();
+        senders.push(tx);
+        let shared = shared.clone();
+        reader_handles.push(
+            std::thread::Builder::new()
+                .name(format!("efr-load-reader-{i}"))
+                .spawn(move || clients::run_reader(conns, max_user, rx, shared, settings))?,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(config.settle_ms));
+
+    let source_stream = resolve(&config.host, config.event_port).and_then(|addr| {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(config.connect_timeout_ms))
+            .with_context(|| format!("connecting the event source to {addr}"))
+    });
+    let source_stream = match source_stream {
+        Ok(s) => s,
+        Err(e) => {
+            shared.abort.store(true, Ordering::Relaxed);
+            drop(senders);
+            for h in reader_handles {
+                let _ = h.join();
+            }
+            return Err(e);
+        }
+    };
+    let source_settings = SourceSettings {
+        rate: config.rate,
+        max_inflight: config.max_inflight_batches,
+        max_pending: config.max_pending_notifications,
+    };
+    let source_shared = shared.clone();
+    let source_handle: JoinHandle<(SourceOutcome, u64)> = std::thread::Builder::new()
+        .name("efr-load-source".into())
+        .spawn(move || {
+            let out = source::run_source(
+                workload.as_mut(),
+                source_stream,
+                senders,
+                source_shared.clone(),
+                source_settings,
+            );
+            (out, source_shared.now_ns())
+        })?;
+
+    progress(config, &shared, total_events, || {
+        source_handle.is_finished() && reader_handles.iter().all(|h| h.is_finished())
+    });
+
+    let (source_out, source_end_ns) = source_handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the source thread panicked"))?;
+    let mut outcomes = Vec::new();
+    for h in reader_handles {
+        outcomes.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??,
+        );
+    }
+    let (user1, sys1, peak_rss) = report::rusage();
+
+    let mut errors: Vec<(u64, String)> = Vec::new();
+    let mut error_count = 0;
+    let mut notifications = 0;
+    let mut bytes_received = 0;
+    let mut last_read_ns = 0;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, clients::LATENCY_MAX_NS, 3)?;
+    if let Some(e) = &source_out.error {
+        error_count += 1;
+        errors.push((source_end_ns, format!("event source: {e}")));
+    }
+    for o in outcomes {
+        error_count += o.error_count;
+        errors.extend(o.errors);
+        notifications += o.notifications;
+        bytes_received += o.bytes;
+        last_read_ns = last_read_ns.max(o.last_read_ns);
+        hist.add(&o.hist)?;
+    }
+    errors.sort_by_key(|e| e.0);
+    errors.truncate(config.max_errors_shown);
+
+    let first = shared.first_write_ns.load(Ordering::Relaxed);
+    let end = if notifications > 0 {
+        last_read_ns
+    } else {
+        source_end_ns
+    };
+    let wall_s = (end.saturating_sub(first)) as f64 / 1e9;
+    let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1e3;
+    let cpu = (user1 - user0) + (sys1 - sys0);
+    let report = Report {
+        pass: error_count == 0,
+        errors: errors.into_iter().map(|e| e.1).collect(),
+        error_count,
+        workload: cmd.name().to_string(),
+        server: format!(
+            "{}:{}/{}",
+            config.host, config.event_port, config.client_port
+        ),
+        clients: users.len() as u64,
+        events: source_out.events,
+        notifications,
+        bytes_sent: shared.bytes_sent.load(Ordering::Relaxed),
+        bytes_received,
+        wall_s,
+        events_per_s: per_s(source_out.events),
+        notifications_per_s: per_s(notifications),
+        bytes_per_s: per_s(bytes_received),
+        latency: report::Latency {
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: hist.max() as f64 / 1e3,
+            mean_us: hist.mean() / 1e3,
+        },
+        cpu_user_s: user1 - user0,
+        cpu_sys_s: sys1 - sys0,
+        cpu_ns_per_notification: (notifications > 0).then(|| cpu * 1e9 / notifications as f64),
+        peak_rss_bytes: peak_rss,
+        reader_threads: readers,
+        connect_s,
+        params: serde_json::json!({ "global": config, "workload": cmd }),
+        machine: report::machine(),
+    };
+    if let Some(path) = &config.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// Shows progress on stderr until `done()`.
+fn progress(config: &LoadConfig, shared: &Shared, total: Option<u64>, done: impl Fn() -> bool) {
+    let mode = match config.progress {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::Plain,
+        m => m,
+    };
+    let bar = (mode == ProgressMode::Bar).then(|| {
+        let b = indicatif::ProgressBar::new(total.unwrap_or(0));
+        let style = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} events  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        b.set_style(style.progress_chars("=> "));
+        b
+    });
+    let start = std::time::Instant::now();
+    let mut last_plain = start;
+    while !done() {
+        std::thread::sleep(PROGRESS_TICK);
+        let events = shared.events_written.load(Ordering::Relaxed);
+        let notes = shared.notifications.load(Ordering::Relaxed);
+        let failed = shared.failed_clients.load(Ordering::Relaxed);
+        if let Some(b) = &bar {
+            b.set_position(events);
+            b.set_message(format!("{notes} notifications, {failed} failed clients"));
+        } else if mode == ProgressMode::Plain && last_plain.elapsed() >= PROGRESS_PLAIN_INTERVAL {
+            last_plain = std::time::Instant::now();
+            let t = total.map_or(String::new(), |t| format!("/{t}"));
+            eprintln!(
+                "efr-load: {:.0}s events {events}{t} notifications {notes} failed clients {failed}",
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+}
+
+/// Exit status for a usage or connection error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status for a verification failure.
+pub const EXIT_FAIL: i32 = 1;
