@@ -16,7 +16,7 @@ use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
 use glommio::net::TcpStream;
 
-use crate::batch::OrderedBatch;
+use crate::batch::{BatchPool, OrderedBatch};
 use crate::channel;
 use crate::line::{Line, LineSplitter};
 use crate::notify::Latch;
@@ -28,6 +28,8 @@ use crate::stats::{excerpt, Counters, Fault};
 
 /// Events a new batch has room for before it grows (a 64 KiB read holds about 4,000).
 const BATCH_CAPACITY_HINT: usize = 4096;
+/// Batches the pool remembers beyond the shard queue depth (those being applied right now).
+const BATCH_POOL_SLACK: usize = 4;
 
 /// The sequencer of one server: lives on executor 0.
 pub struct Sequencer {
@@ -75,7 +77,8 @@ impl Sequencer {
         }
     }
 
-    async fn send_batch(&self, batch: OrderedBatch) {
+    async fn send_batch(&self, batch: Arc<OrderedBatch>, pool: &mut BatchPool) {
+        pool.remember(&batch);
         if batch.is_empty() {
             return;
         }
@@ -84,7 +87,6 @@ impl Sequencer {
             &self.shared.counters.batch_deliveries,
             self.shards.len() as u64,
         );
-        let batch = Arc::new(batch);
         self.broadcast(|| ShardCommand::Batch(batch.clone())).await;
     }
 }
@@ -131,6 +133,10 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
     Counters::add(&counters.sessions, 1);
     tracing::info!("event source connected");
     let mut splitter = LineSplitter::new(config.max_line);
+    let mut pool = BatchPool::new(
+        config.shard_queue_depth + BATCH_POOL_SLACK,
+        BATCH_CAPACITY_HINT,
+    );
     let mut reseq = Resequencer::new(
         config.resequencer,
         config.resequencer_capacity,
@@ -161,14 +167,17 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
             (None, _) => None,
         };
         let outcome = read_some(&mut stream, &mut splitter, &sequencer, gap_wait).await;
-        let mut batch = OrderedBatch::with_capacity(BATCH_CAPACITY_HINT);
+        let mut shared_batch = pool.take();
+        let Some(batch) = Arc::get_mut(&mut shared_batch) else {
+            unreachable!("the pool hands out batches nobody else holds");
+        };
         match outcome {
             ReadOutcome::Data(n) => {
                 splitter.commit(n);
-                process_lines(&shared, &mut splitter, &mut reseq, &mut batch);
+                process_lines(&shared, &mut splitter, &mut reseq, batch);
             }
             ReadOutcome::GapTimeout => {
-                if let Some(hole) = reseq.skip_hole(&mut batch) {
+                if let Some(hole) = reseq.skip_hole(batch) {
                     record_hole(&shared, hole.first, hole.last, "gap timeout");
                 }
                 stalled_since = None;
@@ -179,7 +188,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
                 break;
             }
         }
-        sequencer.send_batch(batch).await;
+        sequencer.send_batch(shared_batch, &mut pool).await;
         reactor_pass().await;
     }
     drop(stream);
@@ -211,7 +220,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
         let violations = reseq.order_violations();
         Counters::add(&counters.order_violations, violations);
     }
-    sequencer.send_batch(batch).await;
+    sequencer.send_batch(Arc::new(batch), &mut pool).await;
     sequencer.broadcast(|| ShardCommand::EndSession).await;
     tracing::info!(
         "event source closed; session ended ({})",
