@@ -95,7 +95,6 @@ pub const IDLE_BUFFER_KEEP: usize = 256 * 1024;
 pub struct Router {
     shard: usize,
     ownership: Ownership,
-    max_backlog: usize,
     /// follower (owned here) -> followees.
     following: FastMap<u64, FastSet<u64>>,
     /// followee -> subscribers (connected local followers).
@@ -104,14 +103,43 @@ pub struct Router {
     subscriber_of: FastMap<u64, u32>,
     subscribers: Vec<Subscriber>,
     free_subscribers: Vec<u32>,
-    clients: Vec<ClientSlot>,
+    outputs: Outputs,
     free_clients: Vec<ClientId>,
     open_clients: Vec<ClientId>,
+}
+
+/// Every client slot's pending output, and what appending to it records.
+#[derive(Debug)]
+struct Outputs {
+    clients: Vec<ClientSlot>,
+    max_backlog: usize,
     /// Clients whose pending output went from empty to non-empty since the last take.
     dirty: Vec<ClientId>,
     /// Clients that passed the backlog limit since the last take.
     over_backlog: Vec<ClientId>,
     notifications: u64,
+}
+
+impl Outputs {
+    /// Appends one notification to an open client's pending output.
+    #[inline]
+    fn append(&mut self, client: ClientId, bytes: &[u8]) {
+        let slot = &mut self.clients[client as usize];
+        if slot.state != ClientState::Open {
+            return;
+        }
+        let was_empty = slot.pending.is_empty();
+        let backlog_before = slot.pending.len() + slot.in_flight;
+        slot.pending.extend_from_slice(bytes);
+        if was_empty {
+            self.dirty.push(client);
+        }
+        let backlog = backlog_before + bytes.len();
+        if backlog > self.max_backlog && backlog_before <= self.max_backlog {
+            self.over_backlog.push(client);
+        }
+        self.notifications += 1;
+    }
 }
 
 impl Router {
@@ -120,18 +148,20 @@ impl Router {
         Router {
             shard,
             ownership: Ownership::new(shards),
-            max_backlog,
             following: FastMap::default(),
             fanout: FastMap::default(),
             subscriber_of: FastMap::default(),
             subscribers: Vec::new(),
             free_subscribers: Vec::new(),
-            clients: Vec::new(),
+            outputs: Outputs {
+                clients: Vec::new(),
+                max_backlog,
+                dirty: Vec::new(),
+                over_backlog: Vec::new(),
+                notifications: 0,
+            },
             free_clients: Vec::new(),
             open_clients: Vec::new(),
-            dirty: Vec::new(),
-            over_backlog: Vec::new(),
-            notifications: 0,
         }
     }
 
@@ -148,17 +178,17 @@ impl Router {
         let id = match self.free_clients.pop() {
             Some(id) => id,
             None => {
-                self.clients.push(ClientSlot {
+                self.outputs.clients.push(ClientSlot {
                     user,
                     state: ClientState::Free,
                     pending: Vec::new(),
                     in_flight: 0,
                     open_index: 0,
                 });
-                (self.clients.len() - 1) as ClientId
+                (self.outputs.clients.len() - 1) as ClientId
             }
         };
-        let slot = &mut self.clients[id as usize];
+        let slot = &mut self.outputs.clients[id as usize];
         slot.user = user;
         slot.state = ClientState::Open;
         slot.pending.clear();
@@ -193,7 +223,7 @@ impl Router {
     /// Takes a client out of the routing tables: it receives nothing more. Its pending
     /// output stays until [`free`](Self::free), so a graceful close can still write it.
     pub fn detach(&mut self, client: ClientId) {
-        let slot = &mut self.clients[client as usize];
+        let slot = &mut self.outputs.clients[client as usize];
         if slot.state != ClientState::Open {
             return;
         }
@@ -202,7 +232,7 @@ impl Router {
         let open_index = slot.open_index as usize;
         self.open_clients.swap_remove(open_index);
         if let Some(&moved) = self.open_clients.get(open_index) {
-            self.clients[moved as usize].open_index = open_index as u32;
+            self.outputs.clients[moved as usize].open_index = open_index as u32;
         }
         let Some(&subscriber) = self.subscriber_of.get(&user) else {
             return;
@@ -226,7 +256,7 @@ impl Router {
     /// Frees a detached client's slot (its writer is done with it).
     pub fn free(&mut self, client: ClientId) {
         self.detach(client);
-        let slot = &mut self.clients[client as usize];
+        let slot = &mut self.outputs.clients[client as usize];
         if slot.state == ClientState::Free {
             return;
         }
@@ -238,12 +268,12 @@ impl Router {
 
     /// Whether the client is still registered.
     pub fn is_open(&self, client: ClientId) -> bool {
-        self.clients[client as usize].state == ClientState::Open
+        self.outputs.clients[client as usize].state == ClientState::Open
     }
 
     /// The user of a client.
     pub fn user_of(&self, client: ClientId) -> u64 {
-        self.clients[client as usize].user
+        self.outputs.clients[client as usize].user
     }
 
     /// Every registered client.
@@ -285,9 +315,8 @@ impl Router {
                 }
                 EventKind::Broadcast => {
                     let bytes = batch.notification(batched);
-                    for index in 0..self.open_clients.len() {
-                        let client = self.open_clients[index];
-                        self.append(client, bytes);
+                    for &client in &self.open_clients {
+                        self.outputs.append(client, bytes);
                     }
                 }
                 EventKind::Malformed => {}
@@ -319,9 +348,8 @@ impl Router {
     #[inline]
     fn notify_user(&mut self, user: u64, bytes: &[u8]) {
         if let Some(&subscriber) = self.subscriber_of.get(&user) {
-            for index in 0..self.subscribers[subscriber as usize].clients.len() {
-                let client = self.subscribers[subscriber as usize].clients[index];
-                self.append(client, bytes);
+            for &client in &self.subscribers[subscriber as usize].clients {
+                self.outputs.append(client, bytes);
             }
         }
     }
@@ -333,55 +361,32 @@ impl Router {
         };
         for &subscriber in followers {
             for &client in &self.subscribers[subscriber as usize].clients {
-                let slot = &mut self.clients[client as usize];
-                append_to(
-                    slot,
-                    client,
-                    bytes,
-                    self.max_backlog,
-                    &mut self.dirty,
-                    &mut self.over_backlog,
-                );
-                self.notifications += 1;
+                self.outputs.append(client, bytes);
             }
         }
-    }
-
-    #[inline]
-    fn append(&mut self, client: ClientId, bytes: &[u8]) {
-        let slot = &mut self.clients[client as usize];
-        append_to(
-            slot,
-            client,
-            bytes,
-            self.max_backlog,
-            &mut self.dirty,
-            &mut self.over_backlog,
-        );
-        self.notifications += 1;
     }
 
     /// Clients whose output went from empty to non-empty since the last call.
     pub fn take_dirty(&mut self, into: &mut Vec<ClientId>) {
         into.clear();
-        std::mem::swap(into, &mut self.dirty);
+        std::mem::swap(into, &mut self.outputs.dirty);
     }
 
     /// Clients that passed the backlog limit since the last call.
     pub fn take_over_backlog(&mut self, into: &mut Vec<ClientId>) {
         into.clear();
-        std::mem::swap(into, &mut self.over_backlog);
+        std::mem::swap(into, &mut self.outputs.over_backlog);
     }
 
     /// Notifications appended since the last call.
     pub fn take_notification_count(&mut self) -> u64 {
-        std::mem::take(&mut self.notifications)
+        std::mem::take(&mut self.outputs.notifications)
     }
 
     /// Hands a client's pending output to its writer: swaps it with `into` (which must be
     /// empty), so no bytes are copied and both buffers keep their capacity.
     pub fn take_pending(&mut self, client: ClientId, into: &mut Vec<u8>) {
-        let slot = &mut self.clients[client as usize];
+        let slot = &mut self.outputs.clients[client as usize];
         debug_assert!(into.is_empty());
         std::mem::swap(into, &mut slot.pending);
         slot.in_flight = into.len();
@@ -389,50 +394,26 @@ impl Router {
 
     /// The writer finished writing what it took; `buffer` is kept by the writer for reuse.
     pub fn written(&mut self, client: ClientId) {
-        self.clients[client as usize].in_flight = 0;
+        self.outputs.clients[client as usize].in_flight = 0;
     }
 
     /// Pending (not yet taken) bytes of a client.
     pub fn pending_len(&self, client: ClientId) -> usize {
-        self.clients[client as usize].pending.len()
+        self.outputs.clients[client as usize].pending.len()
     }
 
     /// A client's own pending buffer (for tests and benchmarks).
     pub fn pending(&self, client: ClientId) -> &[u8] {
-        &self.clients[client as usize].pending
+        &self.outputs.clients[client as usize].pending
     }
 
     /// Clears a client's pending buffer (for benchmarks that do not write).
     pub fn clear_pending(&mut self, client: ClientId) {
-        let slot = &mut self.clients[client as usize];
+        let slot = &mut self.outputs.clients[client as usize];
         slot.pending.clear();
         if slot.pending.capacity() > IDLE_BUFFER_KEEP {
             slot.pending.shrink_to(IDLE_BUFFER_KEEP);
         }
-    }
-}
-
-#[inline]
-fn append_to(
-    slot: &mut ClientSlot,
-    client: ClientId,
-    bytes: &[u8],
-    max_backlog: usize,
-    dirty: &mut Vec<ClientId>,
-    over_backlog: &mut Vec<ClientId>,
-) {
-    if slot.state != ClientState::Open {
-        return;
-    }
-    let was_empty = slot.pending.is_empty();
-    let backlog_before = slot.pending.len() + slot.in_flight;
-    slot.pending.extend_from_slice(bytes);
-    if was_empty {
-        dirty.push(client);
-    }
-    let backlog = backlog_before + bytes.len();
-    if backlog > max_backlog && backlog_before <= max_backlog {
-        over_backlog.push(client);
     }
 }
 
