@@ -104,7 +104,8 @@ pub async fn write_loop(
         match stream.write_all(&buffer).await {
             Ok(()) => Counters::add(&counters.bytes_written, buffer.len() as u64),
             Err(error) => {
-                if io.close.get() != Some(CloseMode::Abort) {
+                // A client already being closed was counted under that reason.
+                if io.close.get().is_none() {
                     let user = state.router.borrow().user_of(client);
                     Counters::add(&counters.clients_closed_write_error, 1);
                     state.shared.faults.warn(Fault::WriteError, || {
@@ -133,6 +134,7 @@ pub async fn write_loop(
     state.live_writers.set(live);
     if live == 0 {
         state.writers_done.notify();
+        release_freed_memory();
     }
 }
 
@@ -153,5 +155,16 @@ pub async fn read_loop(
     if io.close.get().is_none() && !io.finished.get() {
         Counters::add(&state.shared.counters.clients_closed_by_peer, 1);
         state.close_client(client, CloseMode::Abort);
+    }
+}
+
+/// Gives the memory of closed clients' buffers back to the system once a shard has no client
+/// left (end of a session, or the last client gone). Without it glibc keeps the freed pages of
+/// past backlogs: a 100M-event soak with stalling clients ended at 157 MB resident with no
+/// client open.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
