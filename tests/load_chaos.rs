@@ -111,6 +111,18 @@ fn harness_with_chaos_passes_and_the_server_counts_every_injected_line() {
         faults(&report)
     );
     assert_server_counted(&server, &report, 40_000);
+    // Duplicates reach both of the server's paths: still waiting, and long delivered.
+    let c = server.counters();
+    assert!(
+        c.events_duplicate.load(Ordering::Relaxed) > 0,
+        "{}",
+        c.summary()
+    );
+    assert!(
+        c.events_already_delivered.load(Ordering::Relaxed) > 0,
+        "{}",
+        c.summary()
+    );
     server.stop_and_wait().unwrap();
 }
 

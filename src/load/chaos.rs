@@ -59,6 +59,9 @@ pub const CHAOS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most bytes one chaos client reads per tick (keeps the thread fair between clients).
 pub const CHAOS_READ_PER_TICK: usize = 1 << 20;
 
+/// How many writes back a duplicate may reach (its original is then usually delivered).
+pub const OLD_BATCHES: usize = 256;
+
 /// Random streams of the chaos seed (apart from the workloads' streams).
 const STREAM_SOURCE: u64 = 101;
 const STREAM_CLIENTS: u64 = 102;
@@ -325,8 +328,9 @@ pub struct ChaosWorkload {
     /// Faults injected so far (the kind cycles through the four, from a random start).
     injected: u64,
     kind_offset: u64,
-    /// The last real line of the previous batch, without its terminator.
-    last_line: Vec<u8>,
+    /// The last real line of each of the previous [`OLD_BATCHES`] batches, without its
+    /// terminator, oldest first.
+    old_lines: std::collections::VecDeque<Vec<u8>>,
     /// Line start offsets of the current batch (scratch).
     starts: Vec<usize>,
 }
@@ -354,7 +358,7 @@ impl ChaosWorkload {
             next_fault_at: u64::MAX,
             injected: 0,
             kind_offset,
-            last_line: Vec::new(),
+            old_lines: std::collections::VecDeque::with_capacity(OLD_BATCHES + 1),
             starts: Vec::new(),
         };
         if every > 0 {
@@ -437,13 +441,17 @@ impl ChaosWorkload {
             let k = (self.next_fault_at - self.events_before) as usize;
             out.extend_from_slice(&wire[starts[copied]..starts[k]]);
             copied = k;
-            // A real line already written: one from earlier in this write, or the previous
-            // write's last one.
-            let sent: Option<Vec<u8>> = if k > 0 {
+            // A real line already written: half the time one written up to OLD_BATCHES writes
+            // ago (long delivered, unless a hole precedes it), else one from earlier in this
+            // write (often still waiting), else the previous write's last one.
+            let old = self.rng.below(2) == 0;
+            let sent: Option<Vec<u8>> = if old && !self.old_lines.is_empty() {
+                self.old_lines.front().cloned()
+            } else if k > 0 {
                 let j = self.rng.below(k as u64) as usize;
                 Some(trim_line(line(j)).to_vec())
             } else {
-                (!self.last_line.is_empty()).then(|| self.last_line.clone())
+                self.old_lines.back().cloned()
             };
             self.push_fault(&mut out, sent.as_deref());
             self.next_fault_at += self.gap();
@@ -485,9 +493,14 @@ impl Workload for ChaosWorkload {
             self.inject(&mut batch);
             let body = batch.wire.strip_suffix(b"\n").unwrap_or(&batch.wire);
             let from = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
-            self.last_line.clear();
-            self.last_line
-                .extend_from_slice(trim_line(&batch.wire[from..]));
+            let mut last = if self.old_lines.len() >= OLD_BATCHES {
+                self.old_lines.pop_front().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            last.clear();
+            last.extend_from_slice(trim_line(&batch.wire[from..]));
+            self.old_lines.push_back(last);
             self.events_before += batch.wire_events;
         }
         Ok(Some(batch))
