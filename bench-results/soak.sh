@@ -5,7 +5,8 @@
 #   bench-results/soak.sh [TOTAL_EVENTS]          (default 100000000)
 #
 # Environment: EVENT_PORT, CLIENT_PORT, METRICS_PORT (defaults 38190, 38199, 38191),
-# SAMPLE_S (2), OUT (bench-results/soak-out). Needs `cargo build --release` first.
+# SAMPLE_S (2), OUT (bench-results/soak-out), CHAOS_FLAGS (global efr-load flags, default
+# --chaos; set it empty for the baseline without faults). Needs `cargo build --release` first.
 # Writes to OUT: server.log, rss.tsv (seconds since server start, VmRSS KiB), load.txt (the
 # efr-load summary), load.json, metrics-end.txt (the server's counters after the run).
 set -u
@@ -16,6 +17,7 @@ CLIENT_PORT=${CLIENT_PORT:-38199}
 METRICS_PORT=${METRICS_PORT:-38191}
 SAMPLE_S=${SAMPLE_S:-2}
 OUT=${OUT:-bench-results/soak-out}
+read -r -a CHAOS_FLAGS <<<"${CHAOS_FLAGS---chaos}"
 mkdir -p "$OUT"
 
 target/release/efr-sharded --cores 2 --event-port "$EVENT_PORT" --client-port "$CLIENT_PORT" \
@@ -40,7 +42,7 @@ sleep "$SAMPLE_S"
 RSS_BEFORE=$(rss_kib)
 
 CMD=(target/release/efr-load --event-port "$EVENT_PORT" --client-port "$CLIENT_PORT"
-     --progress plain --json "$OUT/load.json" --chaos harness --total-events "$TOTAL")
+     --progress plain --json "$OUT/load.json" "${CHAOS_FLAGS[@]}" harness --total-events "$TOTAL")
 echo "command: ${CMD[*]}"
 START=$(date +%s.%N)
 "${CMD[@]}" | tee "$OUT/load.txt"
