@@ -151,6 +151,9 @@ pub struct LoadConfig {
     /// Progress display on stderr.
     #[arg(long, global = true, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// `--chaos` and its settings (src/load/chaos.rs).
+    #[command(flatten)]
+    pub chaos: super::chaos::ChaosArgs,
     /// The workload (default: harness with its defaults and environment variables).
     #[command(subcommand)]
     pub workload: Option<WorkloadCmd>,
@@ -293,6 +296,7 @@ impl LoadConfig {
         if let Some(r) = self.rate {
             anyhow::ensure!(r.is_finite() && r > 0.0, "--rate must be a positive number");
         }
+        self.chaos.validate()?;
         Ok(())
     }
 }

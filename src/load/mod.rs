@@ -10,6 +10,7 @@
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
 //! `--timeout` ms while expecting lines. This module is independent of the server's code.
 
+pub mod chaos;
 pub mod clients;
 pub mod config;
 pub mod flow;
@@ -147,6 +148,13 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     config.validate()?;
     let cmd = config.workload_cmd();
     let mut workload = cmd.build(config.line_ending)?;
+    let chaos = config
+        .chaos
+        .chaos
+        .then(|| chaos::Chaos::new(&config.chaos, config.line_ending));
+    if let Some(c) = &chaos {
+        workload = c.wrap(workload);
+    }
     let users = workload.clients().to_vec();
     let max_user = workload.max_user();
     let total_events = workload.total_events();
@@ -157,6 +165,14 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let connect_start = std::time::Instant::now();
     let per_reader = connect_clients(config, &users, readers)?;
     let connect_s = connect_start.elapsed().as_secs_f64();
+    // Stopped when dropped: at the end of the run or on an early return.
+    let chaos_clients = match &chaos {
+        Some(c) => Some(c.start_clients(
+            resolve(&config.host, config.client_port)?,
+            c.client_ids(&users, max_user),
+        )?),
+        None => None,
+    };
     let shared = Shared::new(users.len() as u64);
     let settings = ReaderSettings {
         timeout_ms: config.timeout,
@@ -228,6 +244,9 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
                 .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??,
         );
     }
+    if let Some(c) = chaos_clients {
+        c.stop();
+    }
     let (user1, sys1, peak_rss) = report::rusage();
 
     let mut errors: Vec<(u64, String)> = Vec::new();
@@ -293,6 +312,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         peak_rss_bytes: peak_rss,
         reader_threads: readers,
         connect_s,
+        faults_injected: chaos.as_ref().map(|c| c.injected()),
         params: serde_json::json!({ "global": config, "workload": cmd }),
         machine: report::machine(),
     };

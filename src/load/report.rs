@@ -85,6 +85,9 @@ pub struct Report {
     pub reader_threads: usize,
     /// Time to connect every client and send its id, seconds.
     pub connect_s: f64,
+    /// Faults injected with `--chaos` (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults_injected: Option<super::chaos::FaultsInjected>,
     /// The parameters.
     pub params: serde_json::Value,
     /// The machine.
@@ -157,6 +160,9 @@ impl Report {
             per,
             si(self.peak_rss_bytes as f64)
         );
+        if let Some(f) = &self.faults_injected {
+            s.push_str(&f.summary());
+        }
         if self.pass {
             let _ = writeln!(
                 s,
