@@ -4,7 +4,7 @@
 #
 #   bench-results/soak.sh [TOTAL_EVENTS]          (default 100000000)
 #
-# Environment: EVENT_PORT, CLIENT_PORT, METRICS_PORT (defaults 38190, 38199, 38191),
+# Environment: EVENT_PORT, CLIENT_PORT, METRICS_PORT (defaults 21190, 21199, 21191: below the ephemeral port range, so no outgoing connection holds them),
 # SAMPLE_S (2), OUT (bench-results/soak-out), CHAOS_FLAGS (global efr-load flags, default
 # --chaos; set it empty for the baseline without faults). Needs `cargo build --release` first.
 # Writes to OUT: server.log, rss.tsv (seconds since server start, VmRSS KiB), load.txt (the
@@ -12,9 +12,9 @@
 set -u
 cd "$(dirname "$0")/.."
 TOTAL=${1:-100000000}
-EVENT_PORT=${EVENT_PORT:-38190}
-CLIENT_PORT=${CLIENT_PORT:-38199}
-METRICS_PORT=${METRICS_PORT:-38191}
+EVENT_PORT=${EVENT_PORT:-21190}
+CLIENT_PORT=${CLIENT_PORT:-21199}
+METRICS_PORT=${METRICS_PORT:-21191}
 SAMPLE_S=${SAMPLE_S:-2}
 OUT=${OUT:-bench-results/soak-out}
 read -r -a CHAOS_FLAGS <<<"${CHAOS_FLAGS---chaos}"
