@@ -1,10 +1,11 @@
-//! The two tasks of one client connection on its owner shard: the writer, which sends the
-//! client's pending output one coalesced write at a time, and the reader, which reads and
-//! discards whatever the client sends so that a closed connection is noticed.
+//! The task of one client connection on its owner shard: it sends the client's pending output
+//! one coalesced write at a time, and while idle reads and discards whatever the client sends
+//! so that a closed connection is noticed.
 //!
-//! The two tasks hold separate descriptors of the same socket (the reader's is a `dup`), so
-//! neither waits for the other. Closing is always done by the writer: `shutdown(2)` on the
-//! socket, which also ends the reader's read.
+//! One task and one descriptor per client: with 10,000 clients, two descriptors each (an
+//! earlier design had a separate reader on a `dup`) passed a 20,000 open-file limit. A close
+//! requested by the shard (`ClientIo::close`) wakes the task; an abort also shuts the socket
+//! down, which fails a write that is waiting on a client that does not read.
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
@@ -80,8 +81,10 @@ fn shutdown_socket(fd: RawFd) {
     }
 }
 
-/// Writes the client's pending output until it is closed.
-pub async fn write_loop(
+/// Serves one client until it is closed: writes its pending output, one coalesced write at a
+/// time, and while there is nothing to write, reads and discards what the client sends so
+/// that a closed connection is noticed. One task and one descriptor per client.
+pub async fn serve(
     state: Rc<ShardState>,
     client: ClientId,
     io: Rc<ClientIo>,
@@ -89,6 +92,7 @@ pub async fn write_loop(
 ) {
     let counters = &state.shared.counters;
     let mut buffer: Vec<u8> = Vec::new();
+    let mut discard = [0u8; DISCARD_BUFFER];
     loop {
         if io.close.get() == Some(CloseMode::Abort) {
             break;
@@ -98,7 +102,21 @@ pub async fn write_loop(
             if io.close.get().is_some() {
                 break;
             }
-            io.wake.wait().await;
+            // Idle: wait for new output or a close request, and meanwhile watch the peer.
+            // A glommio read can be dropped while pending without losing bytes.
+            let peer_gone = futures_lite::future::or(
+                async {
+                    io.wake.wait().await;
+                    false
+                },
+                async { matches!(stream.read(&mut discard).await, Ok(0) | Err(_)) },
+            )
+            .await;
+            if peer_gone && io.close.get().is_none() {
+                Counters::add(&counters.clients_closed_by_peer, 1);
+                state.router.borrow_mut().detach(client);
+                break;
+            }
             continue;
         }
         match stream.write_all(&buffer).await {
@@ -135,26 +153,6 @@ pub async fn write_loop(
     if live == 0 {
         state.writers_done.notify();
         release_freed_memory();
-    }
-}
-
-/// Reads and discards what the client sends; when it closes, takes it out of routing.
-pub async fn read_loop(
-    state: Rc<ShardState>,
-    client: ClientId,
-    io: Rc<ClientIo>,
-    mut stream: TcpStream,
-) {
-    let mut discard = [0u8; DISCARD_BUFFER];
-    loop {
-        match stream.read(&mut discard).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-    if io.close.get().is_none() && !io.finished.get() {
-        Counters::add(&state.shared.counters.clients_closed_by_peer, 1);
-        state.close_client(client, CloseMode::Abort);
     }
 }
 

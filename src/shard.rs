@@ -162,23 +162,10 @@ fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &
 fn register(state: &Rc<ShardState>, user: u64, fd: OwnedFd) {
     let raw = fd.into_raw_fd();
     // SAFETY: `raw` is a connected TCP socket whose ownership was handed to us.
-    let write_stream = unsafe { TcpStream::from_raw_fd(raw) };
-    let _ = write_stream.set_nodelay(true);
-    // The reader gets its own descriptor of the same socket, so reading and writing are
-    // independent tasks. SAFETY: dup of a descriptor we own.
-    let read_fd = unsafe { libc::dup(write_stream.as_raw_fd()) };
-    if read_fd < 0 {
-        tracing::warn!(
-            "cannot register client of user {user}: dup failed: {}",
-            std::io::Error::last_os_error()
-        );
-        Counters::sub(&state.shared.counters.clients_open, 1);
-        return;
-    }
-    // SAFETY: a fresh descriptor from dup.
-    let read_stream = unsafe { TcpStream::from_raw_fd(read_fd) };
+    let stream = unsafe { TcpStream::from_raw_fd(raw) };
+    let _ = stream.set_nodelay(true);
     let client = state.router.borrow_mut().register(user);
-    let io = Rc::new(ClientIo::new(write_stream.as_raw_fd()));
+    let io = Rc::new(ClientIo::new(stream.as_raw_fd()));
     {
         let mut ios = state.ios.borrow_mut();
         if ios.len() <= client as usize {
@@ -188,14 +175,7 @@ fn register(state: &Rc<ShardState>, user: u64, fd: OwnedFd) {
     }
     Counters::add(&state.shared.counters.clients_registered, 1);
     state.live_writers.set(state.live_writers.get() + 1);
-    glommio::spawn_local(client::write_loop(
-        state.clone(),
-        client,
-        io.clone(),
-        write_stream,
-    ))
-    .detach();
-    glommio::spawn_local(client::read_loop(state.clone(), client, io, read_stream)).detach();
+    glommio::spawn_local(client::serve(state.clone(), client, io, stream)).detach();
 }
 
 fn close_all(state: &ShardState, mode: CloseMode) {
