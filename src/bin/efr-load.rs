@@ -6,6 +6,11 @@ use clap::Parser;
 use efr::load::{LoadConfig, EXIT_FAIL, EXIT_USAGE};
 
 fn main() {
+    // `efr-load compare ...` has flags of its own (src/load/compare.rs).
+    if std::env::args().nth(1).as_deref() == Some("compare") {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        std::process::exit(efr::load::compare::main_from_args(args));
+    }
     let config = LoadConfig::parse();
     match efr::load::run(&config) {
         Ok(report) => {

@@ -10,7 +10,10 @@
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
 //! `--timeout` ms while expecting lines. This module is independent of the server's code.
 
+pub mod ceiling;
+pub mod chart;
 pub mod clients;
+pub mod compare;
 pub mod config;
 pub mod flow;
 pub mod model;
