@@ -267,7 +267,9 @@ impl Generator {
     fn spawn(cmd: &WorkloadCmd, settings: CeilingSettings, run: u64) -> anyhow::Result<Generator> {
         let mut workload = cmd.build(settings.line_ending)?;
         let users = workload.clients().to_vec();
-        let cap = (settings.lookahead_bytes / GROUP_BYTES as u64).max(1) as usize;
+        // A lookahead smaller than a group makes the groups smaller (one batch at least).
+        let group_max = (GROUP_BYTES as u64).min(settings.lookahead_bytes).max(1) as usize;
+        let cap = (settings.lookahead_bytes / group_max as u64).max(1) as usize;
         let (tx, rx) = flume::bounded::<Vec<Chunk>>(cap);
         let stop = Arc::new(AtomicBool::new(false));
         let produced = Arc::new(AtomicU64::new(0));
@@ -287,9 +289,11 @@ impl Generator {
         let handle = std::thread::Builder::new()
             .name("efr-null-gen".into())
             .spawn(move || -> anyhow::Result<()> {
-                let mark = || {
+                // Output already queued when the queue was found full (or the run ended).
+                let mut queued = 0u64;
+                let mark = |queued: u64| {
                     if !pp.load(Ordering::Acquire) {
-                        pc.store(pr.load(Ordering::Acquire), Ordering::Release);
+                        pc.store(queued, Ordering::Release);
                         pp.store(true, Ordering::Release);
                     }
                 };
@@ -331,20 +335,21 @@ impl Generator {
                     group_bytes += len;
                     pr.fetch_add(len as u64, Ordering::AcqRel);
                     group.push(chunk);
-                    if group_bytes >= GROUP_BYTES {
+                    if group_bytes >= group_max {
                         if tx.is_full() {
-                            mark();
+                            mark(queued);
                         }
                         if tx.send(std::mem::take(&mut group)).is_err() {
                             return Ok(());
                         }
+                        queued += group_bytes as u64;
                         group_bytes = 0;
                     }
                 }
                 if !group.is_empty() && tx.send(group).is_err() {
                     return Ok(());
                 }
-                mark();
+                mark(queued + group_bytes as u64);
                 Ok(())
             })?;
         Ok(Generator {
