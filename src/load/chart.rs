@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::RangedCoordusize;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -94,6 +96,22 @@ fn size(n: usize) -> (u32, u32) {
     (BAR_SLOT_PX * n.max(1) as u32 + CHART_EXTRA_PX, CHART_HEIGHT_PX)
 }
 
+/// `v` in the unit that suits `scale` (the largest value shown).
+fn rate(v: f64, scale: f64) -> String {
+    if scale >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if scale >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// One segment per configuration: a segmented range has one segment more than its values.
+fn slots(n: usize) -> SegmentedCoord<RangedCoordusize> {
+    (0..n.saturating_sub(1)).into_segmented()
+}
+
 fn names(rows: &[&Row]) -> Vec<String> {
     rows.iter().map(|r| label(r)).collect()
 }
@@ -116,7 +134,7 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
         .margin(MARGIN_PX)
         .x_label_area_size(X_LABEL_AREA_PX)
         .y_label_area_size(Y_LABEL_AREA_PX)
-        .build_cartesian_2d((0..rows.len()).into_segmented(), 0f64..top)
+        .build_cartesian_2d(slots(rows.len()), 0f64..top)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -128,7 +146,7 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
             _ => String::new(),
         })
         .y_desc("notifications/s")
-        .y_label_formatter(&|v| format!("{:.1}M", v / 1e6))
+        .y_label_formatter(&|v| rate(*v, top))
         .draw()
         .map_err(err)?;
     chart
@@ -145,9 +163,10 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
             let v = r.notifications_per_s.unwrap_or(0.0);
-            let text = match r.ratio_to_ceiling {
-                Some(x) => format!("{:.2}M ({x:.2}x)", v / 1e6),
-                None => format!("{:.2}M", v / 1e6),
+            let text = match (r.notifications_per_s, r.ratio_to_ceiling) {
+                (Some(v), Some(x)) => format!("{} ({x:.2}x)", rate(v, v)),
+                (Some(v), None) => rate(v, v),
+                (None, _) => "no result".to_string(),
             };
             Text::new(
                 text,
@@ -188,7 +207,7 @@ pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Resu
         .margin(MARGIN_PX)
         .x_label_area_size(X_LABEL_AREA_PX)
         .y_label_area_size(Y_LABEL_AREA_PX)
-        .build_cartesian_2d((0..rows.len()).into_segmented(), (lo..hi).log_scale())
+        .build_cartesian_2d(slots(rows.len()), (lo..hi).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -204,7 +223,7 @@ pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Resu
         .draw()
         .map_err(err)?;
     // Each configuration's slot holds three bars side by side.
-    let plot_px = w.saturating_sub(Y_LABEL_AREA_PX + 2 * MARGIN_PX);
+    let plot_px = chart.plotting_area().dim_in_pixel().0;
     let slot = plot_px / rows.len().max(1) as u32;
     let third = slot.saturating_sub(2 * BAR_GAP_PX) / 3;
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
