@@ -1,7 +1,8 @@
 //! `efr-load compare` end to end, with tiny workloads: efr-sharded and the built-in ceiling
-//! both pass, the files are written, the ceiling's ratio is 1; a server that exits at once
-//! or never listens is reported as failed, without hanging; the ceiling alone serves several
-//! runs of a workload whose expected streams the socket-free model also computes.
+//! (`efr-load null-server`) both pass, the files are written, the ceiling's ratio is 1; a
+//! server that exits at once or never listens is reported as failed, without hanging; the
+//! in-process ceiling serves several runs of a workload, with a lookahead smaller than its
+//! output, and writes exactly the bytes the socket-free model computes.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ fn args(out: &Path, extra: &[&str]) -> CompareArgs {
         "--out".into(),
         out.display().to_string(),
         "--quiet".into(),
+        "--efr-load".into(),
+        env!("CARGO_BIN_EXE_efr-load").into(),
     ];
     if !extra.contains(&"--runs") {
         v.extend(["--runs".to_string(), "1".to_string()]);
@@ -54,7 +57,12 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     let server = sharded_cmd(1);
     let a = args(
         &out,
-        &["--workloads", "harness:5000,fanout:30:300", "--server", &server],
+        &[
+            "--workloads",
+            "harness:5000,fanout:30:300",
+            "--server",
+            &server,
+        ],
     );
     let started = Instant::now();
     let (summary, dir) = compare(&a, "test").unwrap();
@@ -62,7 +70,11 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     assert_eq!(dir, out);
     assert_eq!(summary.rows.len(), 4);
     for r in &summary.rows {
-        assert!(r.pass, "{} on {} failed: {:?}", r.server, r.workload, r.errors);
+        assert!(
+            r.pass,
+            "{} on {} failed: {:?}",
+            r.server, r.workload, r.errors
+        );
         assert!(r.notifications_per_s.unwrap() > 0.0);
         assert!(r.p50_us.is_some() && r.p99_us.is_some() && r.p999_us.is_some());
         assert!(r.ratio_to_ceiling.unwrap() > 0.0);
@@ -78,7 +90,7 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     assert_eq!(ceilings.len(), 2);
     for c in ceilings {
         assert_eq!(c.ratio_to_ceiling, Some(1.0));
-        assert!(c.peak_rss_bytes.is_none());
+        assert!(c.peak_rss_bytes.unwrap() > 0);
         let st = c.ceiling.as_ref().unwrap();
         assert!(st.total_bytes > 0 && st.precomputed_bytes == st.total_bytes);
     }

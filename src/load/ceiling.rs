@@ -44,6 +44,8 @@ pub const DEFAULT_LOOKAHEAD_BYTES: u64 = 1 << 30;
 pub const GROUP_BYTES: usize = 1 << 20;
 /// Sleep of the accept loop when nothing is pending.
 pub const ACCEPT_IDLE: Duration = Duration::from_millis(1);
+/// Backlog of the null server's listeners (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: i32 = 4_096;
 /// Time a client has for its id line.
 pub const ID_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest id line read, bytes.
@@ -73,7 +75,7 @@ pub struct CeilingSettings {
 }
 
 /// What the null server did in its last run.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct CeilingStats {
     /// Runs served.
     pub runs: u64,
@@ -115,10 +117,18 @@ pub struct NullServer {
 impl NullServer {
     /// Binds two ephemeral ports on 127.0.0.1 and serves `workload` until dropped.
     pub fn start(workload: &WorkloadCmd, settings: CeilingSettings) -> anyhow::Result<NullServer> {
-        let events = TcpListener::bind("127.0.0.1:0").context("binding the null event port")?;
-        let clients = TcpListener::bind("127.0.0.1:0").context("binding the null client port")?;
-        events.set_nonblocking(true)?;
-        clients.set_nonblocking(true)?;
+        Self::start_on(workload, settings, 0, 0)
+    }
+
+    /// Binds the given ports on 127.0.0.1 (0: ephemeral) and serves `workload` until dropped.
+    pub fn start_on(
+        workload: &WorkloadCmd,
+        settings: CeilingSettings,
+        event_port: u16,
+        client_port: u16,
+    ) -> anyhow::Result<NullServer> {
+        let events = listen(event_port).context("binding the null server's event port")?;
+        let clients = listen(client_port).context("binding the null server's client port")?;
         let event_port = events.local_addr()?.port();
         let client_port = clients.local_addr()?.port();
         let shared = Arc::new(Shared {
@@ -212,6 +222,19 @@ impl Drop for NullServer {
             let _ = h.join();
         }
     }
+}
+
+/// A non-blocking listener on 127.0.0.1:`port` with a backlog of [`LISTEN_BACKLOG`] (std's
+/// is 128: 10,000 clients connecting at once would overflow it and wait for SYN retries).
+fn listen(port: u16) -> anyhow::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    // SAFETY: listen(2) again on our own listening socket only changes its backlog.
+    if unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// Serves runs until stopped.
@@ -406,22 +429,24 @@ fn serve_run(
             prepared_published = true;
         }
         let mut idle = true;
-        match clients.accept() {
-            Ok((stream, _)) => {
-                idle = false;
-                match read_id(&stream) {
-                    Some(user) => match free_slots.get_mut(&user).and_then(|v| v.pop()) {
-                        Some(slot) => {
-                            conns[slot as usize] = Some(stream);
-                            filled += 1;
-                        }
-                        None => extra.push(stream),
-                    },
-                    None => drop(stream),
+        loop {
+            match clients.accept() {
+                Ok((stream, _)) => {
+                    idle = false;
+                    match read_id(&stream) {
+                        Some(user) => match free_slots.get_mut(&user).and_then(|v| v.pop()) {
+                            Some(slot) => {
+                                conns[slot as usize] = Some(stream);
+                                filled += 1;
+                            }
+                            None => extra.push(stream),
+                        },
+                        None => drop(stream),
+                    }
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("accepting a client"),
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e).context("accepting a client"),
         }
         if source.is_none() {
             match events.accept() {
@@ -638,4 +663,102 @@ impl TakeIfReady for Option<Chunk> {
             None
         }
     }
+}
+
+/// `efr-load null-server` flags: the ceiling as a process of its own, so that it has its
+/// own descriptor table (10,000 clients on each side do not fit in one) and its RSS is
+/// measured like any server's. `efr-load compare` starts it.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "efr-load null-server",
+    about = "The ceiling of efr-load compare: writes each client's expected stream, paced by \
+             the source's bytes, without parsing, ordering or routing."
+)]
+pub struct NullServerArgs {
+    /// The workload, as `efr-load compare --workloads` takes it (e.g. harness:1000000).
+    #[arg(long)]
+    pub workload: String,
+    /// Event port on 127.0.0.1.
+    #[arg(long)]
+    pub event_port: u16,
+    /// Client port on 127.0.0.1.
+    #[arg(long)]
+    pub client_port: u16,
+    /// Output precomputed ahead of the source, MiB.
+    #[arg(long, default_value_t = DEFAULT_LOOKAHEAD_BYTES >> 20)]
+    pub lookahead_mib: u64,
+    /// Written with the number of the last prepared run each time one is prepared.
+    #[arg(long)]
+    pub ready_file: Option<std::path::PathBuf>,
+    /// Written with [`CeilingStats`] (JSON) after each run.
+    #[arg(long)]
+    pub stats_file: Option<std::path::PathBuf>,
+}
+
+/// How often the null-server process publishes its state.
+pub const PUBLISH_POLL: Duration = Duration::from_millis(2);
+
+fn write_atomic(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Entry of `efr-load null-server ARGS...` (`args` starts with the program name): serves
+/// until SIGTERM or SIGINT. Returns the exit status.
+pub fn main_from_args(args: Vec<String>) -> i32 {
+    use clap::Parser;
+    let a = match NullServerArgs::try_parse_from(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { super::EXIT_USAGE } else { 0 };
+        }
+    };
+    match null_server_main(&a) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("efr-load null-server: {e:#}");
+            super::EXIT_USAGE
+        }
+    }
+}
+
+fn null_server_main(a: &NullServerArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    super::raise_nofile(u64::MAX);
+    let w = super::compare::parse_workload(&a.workload)?;
+    let settings = CeilingSettings {
+        lookahead_bytes: a.lookahead_mib << 20,
+        line_ending: LineEnding::Lf,
+    };
+    let server = NullServer::start_on(&w.cmd, settings, a.event_port, a.client_port)?;
+    let (mut ready, mut served) = (0, 0);
+    while !stop.load(Ordering::Acquire) {
+        if let Some(e) = server.error() {
+            anyhow::bail!("{e}");
+        }
+        let r = server.shared.prepared_run.load(Ordering::Acquire);
+        if r != ready {
+            ready = r;
+            if let Some(f) = &a.ready_file {
+                write_atomic(f, &format!("{r}\n"))?;
+            }
+        }
+        let st = server.stats();
+        if st.runs != served {
+            served = st.runs;
+            if let Some(f) = &a.stats_file {
+                write_atomic(f, &serde_json::to_string(&st)?)?;
+            }
+        }
+        std::thread::sleep(PUBLISH_POLL);
+    }
+    if let Some(f) = &a.stats_file {
+        write_atomic(f, &serde_json::to_string(&server.stats())?)?;
+    }
+    Ok(())
 }

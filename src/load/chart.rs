@@ -93,7 +93,10 @@ pub fn write_charts(dir: &Path, rows: &[Row]) -> anyhow::Result<Vec<String>> {
 }
 
 fn size(n: usize) -> (u32, u32) {
-    (BAR_SLOT_PX * n.max(1) as u32 + CHART_EXTRA_PX, CHART_HEIGHT_PX)
+    (
+        BAR_SLOT_PX * n.max(1) as u32 + CHART_EXTRA_PX,
+        CHART_HEIGHT_PX,
+    )
 }
 
 /// `v` in the unit that suits `scale` (the largest value shown).
@@ -153,7 +156,10 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
             let v = r.notifications_per_s.unwrap_or(0.0);
             let mut bar = Rectangle::new(
-                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)],
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), v),
+                ],
                 colour(r).filled(),
             );
             bar.set_margin(0, 0, BAR_GAP_PX, BAR_GAP_PX);
@@ -234,7 +240,10 @@ pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Resu
                 let left = BAR_GAP_PX + k as u32 * third;
                 let right = BAR_GAP_PX + (2 - k as u32) * third;
                 let mut bar = Rectangle::new(
-                    [(SegmentValue::Exact(i), lo), (SegmentValue::Exact(i + 1), v)],
+                    [
+                        (SegmentValue::Exact(i), lo),
+                        (SegmentValue::Exact(i + 1), v),
+                    ],
                     c.filled(),
                 );
                 bar.set_margin(0, 0, left, right);

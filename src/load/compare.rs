@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 
-use super::ceiling::{CeilingSettings, CeilingStats, NullServer, DEFAULT_LOOKAHEAD_BYTES};
+use super::ceiling::{CeilingStats, DEFAULT_LOOKAHEAD_BYTES};
 use super::config::{
     FanoutArgs, HarnessArgs, LoadConfig, ProgressMode, WorkloadCmd, DEFAULT_TIMEOUT_MS,
     FANOUT_BROADCAST_SHARE, FANOUT_FOLLOWS, FANOUT_STATUS_SHARE, FANOUT_USERS, FANOUT_ZIPF,
@@ -46,7 +46,7 @@ pub const RSS_POLL: Duration = Duration::from_millis(100);
 /// How often the stopping server is checked for its exit.
 pub const EXIT_POLL: Duration = Duration::from_millis(10);
 /// Timeout of the ceiling's preparation of one run (precomputing the lookahead).
-pub const CEILING_PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const CEILING_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Name of the ceiling row.
 pub const CEILING_NAME: &str = "ceiling";
 /// Default output directory (a dated folder is added below it).
@@ -96,6 +96,9 @@ pub struct CompareArgs {
     /// The efr-sharded binary of the default comparison. Default: next to efr-load.
     #[arg(long)]
     pub efr_sharded: Option<PathBuf>,
+    /// The efr-load binary that runs the ceiling (`efr-load null-server`). Default: this one.
+    #[arg(long)]
+    pub efr_load: Option<PathBuf>,
     /// Time a server has to open both ports, ms.
     #[arg(long, default_value_t = DEFAULT_START_TIMEOUT_MS, value_name = "MS")]
     pub start_timeout_ms: u64,
@@ -181,8 +184,7 @@ pub struct Row {
     pub p99_us: Option<f64>,
     /// Median p99.9 latency, us.
     pub p999_us: Option<f64>,
-    /// Peak RSS of the server's process group (sum of each process's VmHWM), bytes. `None`
-    /// for the in-process ceiling.
+    /// Peak RSS of the server's process group (sum of each process's VmHWM), bytes.
     pub peak_rss_bytes: Option<u64>,
     /// Notifications/s as a share of the ceiling's on the same workload.
     pub ratio_to_ceiling: Option<f64>,
@@ -300,9 +302,7 @@ pub fn parse_workload(spec: &str) -> anyhow::Result<WorkloadSpec> {
                 }),
             )
         }
-        _ => anyhow::bail!(
-            "workload {spec:?}: expected harness:EVENTS or fanout:CLIENTS[:EVENTS]"
-        ),
+        _ => anyhow::bail!("workload {spec:?}: expected harness:EVENTS or fanout:CLIENTS[:EVENTS]"),
     };
     Ok(WorkloadSpec {
         label,
@@ -411,16 +411,19 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
         .out
         .clone()
         .unwrap_or_else(|| Path::new(DEFAULT_OUT_ROOT).join(utc_date()));
-    std::fs::create_dir_all(dir.join("raw")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("raw"))
+        .with_context(|| format!("creating {}", dir.display()))?;
     std::fs::create_dir_all(dir.join("logs"))?;
 
+    // Servers inherit it: 10,000 clients need more descriptors than many defaults.
+    super::raise_nofile(u64::MAX);
     let started = Instant::now();
     let started_utc = utc_timestamp();
     let loadavg_before = loadavg();
     let mut rows = Vec::new();
     for w in &workloads {
         let row = run_ceiling(args, w, &dir)?;
-        let ceiling_rate = row.notifications_per_s;
+        let ceiling_rate = row.notifications_per_s.filter(|_| row.pass);
         rows.push(row);
         for s in &servers {
             let mut row = run_server(args, w, s, &dir)?;
@@ -529,33 +532,43 @@ fn one_run(
 }
 
 fn run_ceiling(args: &CompareArgs, w: &WorkloadSpec, dir: &Path) -> anyhow::Result<Row> {
-    let settings = CeilingSettings {
-        lookahead_bytes: args.ceiling_lookahead_mib << 20,
-        line_ending: LoadConfig::parse_from(["efr-load"]).line_ending,
+    let exe = match &args.efr_load {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating efr-load")?,
     };
-    let null = NullServer::start(&w.cmd, settings)?;
-    let ports = (null.event_port(), null.client_port());
-    let mut outcomes = Vec::new();
-    for run in 1..=args.runs {
-        if let Err(e) = null.wait_prepared(run as u64, CEILING_PREPARE_TIMEOUT) {
-            outcomes.push(RunOutcome {
-                run,
-                report: None,
-                error: Some(format!("{e:#}")),
-                json: None,
-            });
-            continue;
-        }
-        outcomes.push(one_run(args, w, CEILING_NAME, run, ports, dir));
+    let stem = file_stem(&w.label, CEILING_NAME);
+    let ready = dir.join(format!("logs/{stem}.ready"));
+    let stats = dir.join(format!("logs/{stem}.stats.json"));
+    for f in [&ready, &stats] {
+        let _ = std::fs::remove_file(f);
     }
-    // Let the null server finish closing the last run before reading its stats.
-    let _ = null.wait_served(args.runs as u64, CEILING_PREPARE_TIMEOUT);
-    let stats = null.stats();
-    drop(null);
-    let mut row = make_row(w, CEILING_NAME, "built-in null server", outcomes);
-    row.ceiling = Some(stats);
-    row.ratio_to_ceiling = row.notifications_per_s.map(|_| 1.0);
+    let spec = ServerSpec {
+        name: CEILING_NAME.to_string(),
+        command: format!(
+            "exec {} null-server --workload {} --lookahead-mib {} --ready-file {} \
+             --stats-file {} --event-port {{event_port}} --client-port {{client_port}}",
+            shell_quote(&exe.display().to_string()),
+            shell_quote(&w.spec),
+            args.ceiling_lookahead_mib,
+            shell_quote(&ready.display().to_string()),
+            shell_quote(&stats.display().to_string()),
+        ),
+    };
+    let is_ready = |run: usize| file_number(&ready) >= run as u64;
+    let mut row = run_server_with(args, w, &spec, dir, &is_ready)?;
+    row.ceiling = std::fs::read_to_string(&stats)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    row.ratio_to_ceiling = row.pass.then_some(1.0);
     Ok(row)
+}
+
+/// The number in `path`, 0 when there is none yet.
+fn file_number(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 fn run_server(
@@ -564,6 +577,17 @@ fn run_server(
     spec: &ServerSpec,
     dir: &Path,
 ) -> anyhow::Result<Row> {
+    run_server_with(args, w, spec, dir, &|_| true)
+}
+
+/// Starts the server, runs the workload (each run once `is_ready(run)`), stops the server.
+fn run_server_with(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    spec: &ServerSpec,
+    dir: &Path,
+    is_ready: &dyn Fn(usize) -> bool,
+) -> anyhow::Result<Row> {
     let (event_port, client_port) = free_ports()?;
     let command = spec
         .command
@@ -571,7 +595,10 @@ fn run_server(
         .replace("{client_port}", &client_port.to_string());
     let log_rel = format!("logs/{}.log", file_stem(&w.label, &spec.name));
     let log = std::fs::File::create(dir.join(&log_rel))?;
-    note(args, &format!("{} {}: starting {command}", w.label, spec.name));
+    note(
+        args,
+        &format!("{} {}: starting {command}", w.label, spec.name),
+    );
     let mut server = ServerProcess::spawn(&command, log)?;
     let mut outcomes = Vec::new();
     let ready = server.wait_listening(
@@ -586,6 +613,15 @@ fn run_server(
                         run,
                         report: None,
                         error: Some(format!("the server exited ({status})")),
+                        json: None,
+                    });
+                    continue;
+                }
+                if let Err(e) = server.wait_ready(run, is_ready, CEILING_PREPARE_TIMEOUT) {
+                    outcomes.push(RunOutcome {
+                        run,
+                        report: None,
+                        error: Some(format!("{e:#}")),
                         json: None,
                     });
                     continue;
@@ -747,6 +783,27 @@ impl ServerProcess {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits until `is_ready(run)`, failing if the server exits or `timeout` passes.
+    fn wait_ready(
+        &mut self,
+        run: usize,
+        is_ready: &dyn Fn(usize) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !is_ready(run) {
+            if let Some(status) = self.exited() {
+                anyhow::bail!("the server exited ({status}) before run {run} was prepared");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "run {run} was not prepared within {timeout:?}"
+            );
+            std::thread::sleep(PORT_POLL);
+        }
+        Ok(())
+    }
+
     /// Waits until every port listens, the server exits, or the timeout passes.
     fn wait_listening(&mut self, ports: &[u16], timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -780,8 +837,7 @@ impl ServerProcess {
         while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(EXIT_POLL);
         }
-        if !group_members(self.pgid).is_empty() || self.child.try_wait().ok().flatten().is_none()
-        {
+        if !group_members(self.pgid).is_empty() || self.child.try_wait().ok().flatten().is_none() {
             // SAFETY: as above; members remain, so the group id is still ours.
             unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         }
@@ -958,11 +1014,9 @@ pub fn markdown(s: &Summary) -> String {
                 }
                 t
             };
-            let rss = match (r.peak_rss_bytes, r.server == CEILING_NAME) {
-                (Some(b), _) => format!("{:.1} MB", b as f64 / 1e6),
-                (None, true) => "in-process".into(),
-                (None, false) => "n/a".into(),
-            };
+            let rss = r
+                .peak_rss_bytes
+                .map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
             let ratio = r
                 .ratio_to_ceiling
                 .map_or("n/a".into(), |v| format!("{v:.2}"));
@@ -1018,7 +1072,10 @@ mod tests {
         assert_eq!(w.label, "fanout-50c-200");
         assert!(parse_workload("bogus:1").is_err());
         let s = parse_server("a=echo {event_port}").unwrap();
-        assert_eq!((s.name.as_str(), s.command.as_str()), ("a", "echo {event_port}"));
+        assert_eq!(
+            (s.name.as_str(), s.command.as_str()),
+            ("a", "echo {event_port}")
+        );
         assert!(parse_server("ceiling=x").is_err());
         assert!(parse_server("noequals").is_err());
     }

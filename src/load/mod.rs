@@ -45,7 +45,7 @@ pub const PROGRESS_PLAIN_INTERVAL: Duration = Duration::from_secs(5);
 pub const SPARE_FDS: u64 = 64;
 
 /// Raises the soft limit of open files toward `want` (up to the hard limit).
-fn raise_nofile(want: u64) {
+pub(crate) fn raise_nofile(want: u64) {
     // SAFETY: plain libc calls on a struct we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
