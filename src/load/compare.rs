@@ -33,6 +33,8 @@ use super::report::{self, Machine, Report};
 
 /// Default runs per server and workload.
 pub const DEFAULT_RUNS: usize = 3;
+/// Default batches in flight of every run (see `--max-inflight-batches`).
+pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 4_096;
 /// Default time a server has to open both ports, ms.
 pub const DEFAULT_START_TIMEOUT_MS: u64 = 15_000;
 /// Default time between SIGTERM and SIGKILL, ms.
@@ -108,6 +110,12 @@ pub struct CompareArgs {
     /// Silence allowed while a client still expects lines, ms.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_name = "MS")]
     pub timeout: u64,
+    /// Batches in flight before efr-load's source waits for the clients. Higher than a single
+    /// run's default: the `batch` resequencer releases nothing before its buffer (65,536
+    /// events) is full, and 1,024 harness batches (about 51,000 events) would stall it until
+    /// `--timeout` instead of showing its order violations.
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT_BATCHES)]
+    pub max_inflight_batches: usize,
     /// Client reader threads of efr-load (default as for a single run).
     #[arg(long)]
     pub readers: Option<usize>,
@@ -474,6 +482,7 @@ fn load_config(
     c.json = Some(json);
     c.timeout = args.timeout;
     c.readers = args.readers;
+    c.max_inflight_batches = args.max_inflight_batches;
     c.progress = args.progress;
     c.workload = Some(w.cmd.clone());
     c
