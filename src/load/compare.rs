@@ -758,13 +758,25 @@ struct ServerProcess {
 impl ServerProcess {
     fn spawn(command: &str, log: std::fs::File) -> anyhow::Result<ServerProcess> {
         let err = log.try_clone()?;
-        let child = Command::new("sh")
-            .arg("-c")
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
             .arg(command)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            .process_group(0)
+            .process_group(0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe. If compare dies (SIGINT, SIGKILL) before it
+        // stops the server, the kernel ends the server too (exec keeps the setting).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting sh -c {command:?}"))?;
         let pgid = child.id() as i32;
@@ -1087,6 +1099,39 @@ mod tests {
         );
         assert!(parse_server("ceiling=x").is_err());
         assert!(parse_server("noequals").is_err());
+    }
+
+    #[test]
+    fn default_servers_cover_the_cores_and_the_resequencers() {
+        let names: Vec<String> = default_servers(Path::new("/x/efr-sharded"))
+            .into_iter()
+            .map(|s| {
+                assert!(s
+                    .command
+                    .starts_with("exec /x/efr-sharded --event-port {event_port}"));
+                s.name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sharded-c1-heap",
+                "sharded-c2-heap",
+                "sharded-c4-heap",
+                "sharded-c8-heap",
+                "sharded-c2-stream",
+                "sharded-c2-batch"
+            ]
+        );
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        let w: Vec<String> = DEFAULT_WORKLOADS
+            .split(',')
+            .map(|s| parse_workload(s).unwrap().label)
+            .collect();
+        assert_eq!(
+            w,
+            ["harness-1000000", "harness-10000000", "fanout-10000c-20000"]
+        );
     }
 
     #[test]
