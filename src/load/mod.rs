@@ -10,8 +10,11 @@
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
 //! `--timeout` ms while expecting lines. This module is independent of the server's code.
 
+pub mod ceiling;
 pub mod chaos;
+pub mod chart;
 pub mod clients;
+pub mod compare;
 pub mod config;
 pub mod flow;
 pub mod model;
@@ -43,7 +46,7 @@ pub const PROGRESS_PLAIN_INTERVAL: Duration = Duration::from_secs(5);
 pub const SPARE_FDS: u64 = 64;
 
 /// Raises the soft limit of open files toward `want` (up to the hard limit).
-fn raise_nofile(want: u64) {
+pub(crate) fn raise_nofile(want: u64) {
     // SAFETY: plain libc calls on a struct we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();

@@ -1,0 +1,265 @@
+//! SVG charts of `efr-load compare`, drawn with plotters' SVG backend (no font files: the
+//! SVG holds `<text>` elements and the viewer renders them). Per workload: a bar chart of
+//! notifications/s per configuration, and grouped bars of the p50, p99 and p99.9 latency
+//! per configuration on a log scale. A failed configuration is drawn in red and its label
+//! says FAIL; the ceiling is drawn in grey.
+
+use std::path::Path;
+
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::RangedCoordusize;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::compare::{Row, CEILING_NAME};
+
+/// Width given to each configuration, pixels.
+pub const BAR_SLOT_PX: u32 = 130;
+/// Width of the chart beyond the bars (axis, margins), pixels.
+pub const CHART_EXTRA_PX: u32 = 160;
+/// Height of a chart, pixels.
+pub const CHART_HEIGHT_PX: u32 = 480;
+/// Space under the plot for the configuration names, pixels.
+pub const X_LABEL_AREA_PX: u32 = 60;
+/// Space left of the plot for the values, pixels.
+pub const Y_LABEL_AREA_PX: u32 = 90;
+/// Margin around the plot, pixels.
+pub const MARGIN_PX: u32 = 15;
+/// Gap between neighbouring bars' groups, pixels (each side).
+pub const BAR_GAP_PX: u32 = 10;
+/// Headroom above the tallest bar, as a factor.
+pub const HEADROOM: f64 = 1.15;
+/// Font size of the title.
+pub const TITLE_FONT: u32 = 20;
+/// Font size of the labels.
+pub const LABEL_FONT: u32 = 13;
+
+/// Colour of a passing configuration's bar.
+const PASS_COLOUR: RGBColor = RGBColor(0x33, 0x66, 0xaa);
+/// Colour of a failing configuration's bar.
+const FAIL_COLOUR: RGBColor = RGBColor(0xcc, 0x33, 0x33);
+/// Colour of the ceiling's bar.
+const CEILING_COLOUR: RGBColor = RGBColor(0x88, 0x88, 0x88);
+/// Colours of the p50, p99 and p99.9 bars.
+const LATENCY_COLOURS: [RGBColor; 3] = [
+    RGBColor(0x44, 0x99, 0x55),
+    RGBColor(0xdd, 0x88, 0x22),
+    RGBColor(0xaa, 0x33, 0x66),
+];
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing a chart: {e}")
+}
+
+fn label(r: &Row) -> String {
+    if r.pass {
+        r.server.clone()
+    } else {
+        format!("{} FAIL", r.server)
+    }
+}
+
+fn colour(r: &Row) -> RGBColor {
+    if !r.pass {
+        FAIL_COLOUR
+    } else if r.server == CEILING_NAME {
+        CEILING_COLOUR
+    } else {
+        PASS_COLOUR
+    }
+}
+
+/// Writes the charts of every workload into `dir`; returns their file names.
+pub fn write_charts(dir: &Path, rows: &[Row]) -> anyhow::Result<Vec<String>> {
+    let mut workloads: Vec<&str> = Vec::new();
+    for r in rows {
+        if !workloads.contains(&r.workload.as_str()) {
+            workloads.push(&r.workload);
+        }
+    }
+    let mut files = Vec::new();
+    for w in workloads {
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == w).collect();
+        let name = format!("notifications-{w}.svg");
+        throughput_chart(&dir.join(&name), w, &rows)?;
+        files.push(name);
+        let name = format!("latency-{w}.svg");
+        latency_chart(&dir.join(&name), w, &rows)?;
+        files.push(name);
+    }
+    Ok(files)
+}
+
+fn size(n: usize) -> (u32, u32) {
+    (
+        BAR_SLOT_PX * n.max(1) as u32 + CHART_EXTRA_PX,
+        CHART_HEIGHT_PX,
+    )
+}
+
+/// `v` in the unit that suits `scale` (the largest value shown).
+fn rate(v: f64, scale: f64) -> String {
+    if scale >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if scale >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// One segment per configuration: a segmented range has one segment more than its values.
+fn slots(n: usize) -> SegmentedCoord<RangedCoordusize> {
+    (0..n.saturating_sub(1)).into_segmented()
+}
+
+fn names(rows: &[&Row]) -> Vec<String> {
+    rows.iter().map(|r| label(r)).collect()
+}
+
+/// Notifications/s per configuration.
+pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Result<()> {
+    let root: Area = SVGBackend::new(path, size(rows.len())).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let top = rows
+        .iter()
+        .filter_map(|r| r.notifications_per_s)
+        .fold(1.0f64, f64::max)
+        * HEADROOM;
+    let labels = names(rows);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{workload}: notifications/s (median)"),
+            ("sans-serif", TITLE_FONT),
+        )
+        .margin(MARGIN_PX)
+        .x_label_area_size(X_LABEL_AREA_PX)
+        .y_label_area_size(Y_LABEL_AREA_PX)
+        .build_cartesian_2d(slots(rows.len()), 0f64..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_style(("sans-serif", LABEL_FONT))
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_desc("notifications/s")
+        .y_label_formatter(&|v| rate(*v, top))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let v = r.notifications_per_s.unwrap_or(0.0);
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), v),
+                ],
+                colour(r).filled(),
+            );
+            bar.set_margin(0, 0, BAR_GAP_PX, BAR_GAP_PX);
+            bar
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let v = r.notifications_per_s.unwrap_or(0.0);
+            let text = match (r.notifications_per_s, r.ratio_to_ceiling) {
+                (Some(v), Some(x)) => format!("{} ({x:.2}x)", rate(v, v)),
+                (Some(v), None) => rate(v, v),
+                (None, _) => "no result".to_string(),
+            };
+            Text::new(
+                text,
+                (SegmentValue::Exact(i), v),
+                ("sans-serif", LABEL_FONT).into_font(),
+            )
+        }))
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// p50, p99 and p99.9 latency per configuration, log scale.
+pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Result<()> {
+    let (w, h) = size(rows.len());
+    let root: Area = SVGBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let values = |r: &Row| [r.p50_us, r.p99_us, r.p999_us];
+    let all: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| values(r))
+        .flatten()
+        .filter(|v| *v > 0.0)
+        .collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.iter().copied().fold(0.0f64, f64::max);
+    let (lo, hi) = if all.is_empty() {
+        (1.0, 10.0)
+    } else {
+        (lo / 2.0, hi * 2.0)
+    };
+    let labels = names(rows);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{workload}: latency p50 / p99 / p99.9 (median of runs)"),
+            ("sans-serif", TITLE_FONT),
+        )
+        .margin(MARGIN_PX)
+        .x_label_area_size(X_LABEL_AREA_PX)
+        .y_label_area_size(Y_LABEL_AREA_PX)
+        .build_cartesian_2d(slots(rows.len()), (lo..hi).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_style(("sans-serif", LABEL_FONT))
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_desc("latency, microseconds")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(err)?;
+    // Each configuration's slot holds three bars side by side.
+    let plot_px = chart.plotting_area().dim_in_pixel().0;
+    let slot = plot_px / rows.len().max(1) as u32;
+    let third = slot.saturating_sub(2 * BAR_GAP_PX) / 3;
+    for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        let c = LATENCY_COLOURS[k];
+        chart
+            .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
+                let v = values(r)[k]?;
+                let left = BAR_GAP_PX + k as u32 * third;
+                let right = BAR_GAP_PX + (2 - k as u32) * third;
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), lo),
+                        (SegmentValue::Exact(i + 1), v),
+                    ],
+                    c.filled(),
+                );
+                bar.set_margin(0, 0, left, right);
+                Some(bar)
+            }))
+            .map_err(err)?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}

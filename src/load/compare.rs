@@ -1,0 +1,1143 @@
+//! `efr-load compare`: runs the same verified workload against several servers and the
+//! built-in ceiling, and writes the medians, the raw reports, SVG charts and a markdown table.
+//!
+//! For each workload and each server: pick two free ports (bind port 0, then release them),
+//! start `sh -c CMD` with `{event_port}` and `{client_port}` substituted, in its own process
+//! group, wait until both ports listen (read from /proc/net/tcp, so no probe connection is
+//! mistaken for an event source), run the workload `--runs` times with [`crate::load::run`],
+//! then stop the group (SIGTERM, SIGKILL after `--stop-timeout-ms`). A sampler thread polls
+//! the group's processes for their peak RSS (VmHWM). The ceiling ([`super::ceiling`]) runs
+//! in-process, first for every workload, and every row is shown as a ratio to it.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Serialize;
+
+use super::ceiling::{CeilingStats, DEFAULT_LOOKAHEAD_BYTES};
+use super::config::{
+    FanoutArgs, HarnessArgs, LoadConfig, ProgressMode, WorkloadCmd, DEFAULT_TIMEOUT_MS,
+    FANOUT_BROADCAST_SHARE, FANOUT_FOLLOWS, FANOUT_STATUS_SHARE, FANOUT_USERS, FANOUT_ZIPF,
+    HARNESS_CONCURRENCY, HARNESS_MAX_BATCH, HARNESS_SEED,
+};
+use super::report::{self, Machine, Report};
+
+/// Default runs per server and workload.
+pub const DEFAULT_RUNS: usize = 3;
+/// Default batches in flight of every run (see `--max-inflight-batches`).
+pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 4_096;
+/// Default time a server has to open both ports, ms.
+pub const DEFAULT_START_TIMEOUT_MS: u64 = 15_000;
+/// Default time between SIGTERM and SIGKILL, ms.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 5_000;
+/// Default lookahead of the ceiling, MiB.
+pub const DEFAULT_CEILING_LOOKAHEAD_MIB: u64 = DEFAULT_LOOKAHEAD_BYTES >> 20;
+/// How often the server's ports are checked while it starts.
+pub const PORT_POLL: Duration = Duration::from_millis(20);
+/// How often the server's process group is sampled for its RSS.
+pub const RSS_POLL: Duration = Duration::from_millis(100);
+/// How often the stopping server is checked for its exit.
+pub const EXIT_POLL: Duration = Duration::from_millis(10);
+/// Timeout of the ceiling's preparation of one run (precomputing the lookahead).
+pub const CEILING_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Name of the ceiling row.
+pub const CEILING_NAME: &str = "ceiling";
+/// Default output directory (a dated folder is added below it).
+pub const DEFAULT_OUT_ROOT: &str = "bench-results";
+/// Core counts of the default comparison (heap resequencer).
+pub const DEFAULT_CORES: [u32; 4] = [1, 2, 4, 8];
+/// Resequencers of the default comparison, and the cores they run on.
+pub const DEFAULT_RESEQUENCERS: [&str; 3] = ["heap", "stream", "batch"];
+/// Cores of the resequencer rows of the default comparison.
+pub const DEFAULT_RESEQUENCER_CORES: u32 = 2;
+/// Workloads of the default comparison.
+pub const DEFAULT_WORKLOADS: &str = "harness:1000000,harness:10000000,fanout:10000:20000";
+/// Events of a `fanout` spec without an event count.
+pub const DEFAULT_FANOUT_EVENTS: u64 = 20_000;
+/// Error messages kept per row.
+pub const MAX_ROW_ERRORS: usize = 3;
+/// Server log lines matched for the server's own order-violation counter (efr-sharded logs
+/// its counters at each session end).
+pub const ORDER_VIOLATIONS_KEY: &str = "order_violations=";
+
+/// `efr-load compare` flags.
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(
+    name = "efr-load compare",
+    about = "Run one verified workload against several servers and the built-in ceiling, \
+             and report medians, raw JSON, SVG charts and a markdown table."
+)]
+pub struct CompareArgs {
+    /// A server: NAME='CMD', run through `sh -c`; `{event_port}` and `{client_port}` are
+    /// replaced by free ports. Repeatable.
+    #[arg(long = "server", value_name = "NAME=CMD")]
+    pub servers: Vec<String>,
+    /// The default comparison: efr-sharded --cores 1, 2, 4, 8 (heap) and the heap, stream and
+    /// batch resequencers at --cores 2, on harness 1M, harness 10M and fanout 10k clients.
+    #[arg(long)]
+    pub default: bool,
+    /// Workloads, comma-separated: `harness:EVENTS` (100 clients) or
+    /// `fanout:CLIENTS[:EVENTS]` (100,000 users, Zipf follows).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Runs per server and workload (the medians are reported).
+    #[arg(long, default_value_t = DEFAULT_RUNS)]
+    pub runs: usize,
+    /// Output directory. Default: bench-results/<UTC date>/.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The efr-sharded binary of the default comparison. Default: next to efr-load.
+    #[arg(long)]
+    pub efr_sharded: Option<PathBuf>,
+    /// The efr-load binary that runs the ceiling (`efr-load null-server`). Default: this one.
+    #[arg(long)]
+    pub efr_load: Option<PathBuf>,
+    /// Time a server has to open both ports, ms.
+    #[arg(long, default_value_t = DEFAULT_START_TIMEOUT_MS, value_name = "MS")]
+    pub start_timeout_ms: u64,
+    /// Time between SIGTERM and SIGKILL when stopping a server, ms.
+    #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT_MS, value_name = "MS")]
+    pub stop_timeout_ms: u64,
+    /// Silence allowed while a client still expects lines, ms.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_name = "MS")]
+    pub timeout: u64,
+    /// Batches in flight before efr-load's source waits for the clients. Higher than a single
+    /// run's default: the `batch` resequencer releases nothing before its buffer (65,536
+    /// events) is full, and 1,024 harness batches (about 51,000 events) would stall it until
+    /// `--timeout` instead of showing its order violations.
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT_BATCHES)]
+    pub max_inflight_batches: usize,
+    /// Client reader threads of efr-load (default as for a single run).
+    #[arg(long)]
+    pub readers: Option<usize>,
+    /// Output the ceiling precomputes ahead of the source, MiB.
+    #[arg(long, default_value_t = DEFAULT_CEILING_LOOKAHEAD_MIB, value_name = "MIB")]
+    pub ceiling_lookahead_mib: u64,
+    /// Progress of each run on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Off)]
+    pub progress: ProgressMode,
+    /// No line per run on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A server to compare.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerSpec {
+    /// Row name.
+    pub name: String,
+    /// Shell command with `{event_port}` and `{client_port}`.
+    pub command: String,
+}
+
+/// A workload to run.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadSpec {
+    /// Short label, e.g. `harness-1000000`.
+    pub label: String,
+    /// The spec as given.
+    pub spec: String,
+    /// The workload.
+    pub cmd: WorkloadCmd,
+}
+
+/// One run's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunOutcome {
+    /// 1-based run number.
+    pub run: usize,
+    /// The report, when the run could be made.
+    pub report: Option<Report>,
+    /// Why the run could not be made.
+    pub error: Option<String>,
+    /// The raw JSON file, relative to the output directory.
+    pub json: Option<String>,
+}
+
+/// One row: a server on a workload, medians over its runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Workload label.
+    pub workload: String,
+    /// Server name.
+    pub server: String,
+    /// The command (ports substituted), or `built-in` for the ceiling.
+    pub command: String,
+    /// Every run passed verification.
+    pub pass: bool,
+    /// Runs that passed.
+    pub runs_passed: usize,
+    /// Runs made.
+    pub runs: usize,
+    /// Median events/s over the runs that produced a report.
+    pub events_per_s: Option<f64>,
+    /// Median notifications/s.
+    pub notifications_per_s: Option<f64>,
+    /// Median notifications per run.
+    pub notifications: Option<u64>,
+    /// Median wall time, s.
+    pub wall_s: Option<f64>,
+    /// Median p50 latency, us.
+    pub p50_us: Option<f64>,
+    /// Median p99 latency, us.
+    pub p99_us: Option<f64>,
+    /// Median p99.9 latency, us.
+    pub p999_us: Option<f64>,
+    /// Peak RSS of the server's process group (sum of each process's VmHWM), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Notifications/s as a share of the ceiling's on the same workload.
+    pub ratio_to_ceiling: Option<f64>,
+    /// Verification errors over all runs (efr-load counts at most one per client).
+    pub error_count: u64,
+    /// The server's own order-violation counter from its log (efr-sharded), all runs.
+    pub server_order_violations: Option<u64>,
+    /// The first error messages.
+    pub errors: Vec<String>,
+    /// What the ceiling precomputed (ceiling rows only).
+    pub ceiling: Option<CeilingStats>,
+    /// Every run.
+    pub run_outcomes: Vec<RunOutcome>,
+    /// The server's log, relative to the output directory.
+    pub log: Option<String>,
+}
+
+/// The whole comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The command line.
+    pub command: String,
+    /// UTC start, RFC 3339.
+    pub started_utc: String,
+    /// Seconds the comparison took.
+    pub elapsed_s: f64,
+    /// /proc/loadavg before.
+    pub loadavg_before: Option<String>,
+    /// /proc/loadavg after.
+    pub loadavg_after: Option<String>,
+    /// Runs per row.
+    pub runs: usize,
+    /// The servers.
+    pub servers: Vec<ServerSpec>,
+    /// The workloads.
+    pub workloads: Vec<WorkloadSpec>,
+    /// The rows, workload by workload, ceiling first.
+    pub rows: Vec<Row>,
+    /// The machine.
+    pub machine: Machine,
+    /// efr-load's build profile.
+    pub profile: &'static str,
+    /// The charts, relative to the output directory.
+    pub charts: Vec<String>,
+}
+
+/// Entry of `efr-load compare ARGS...` (`args` starts with the program name). Returns the
+/// process exit status.
+pub fn main_from_args(args: Vec<String>) -> i32 {
+    let parsed = match CompareArgs::try_parse_from(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { super::EXIT_USAGE } else { 0 };
+        }
+    };
+    let command = args.join(" ");
+    match compare(&parsed, &command) {
+        Ok((summary, dir)) => {
+            print!("{}", markdown(&summary));
+            println!("\nWritten to {}", dir.display());
+            if summary.rows.iter().all(|r| r.pass) {
+                0
+            } else {
+                super::EXIT_FAIL
+            }
+        }
+        Err(e) => {
+            eprintln!("efr-load compare: {e:#}");
+            super::EXIT_USAGE
+        }
+    }
+}
+
+/// Parses a workload spec.
+pub fn parse_workload(spec: &str) -> anyhow::Result<WorkloadSpec> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let num = |s: &str| -> anyhow::Result<u64> {
+        s.replace('_', "")
+            .parse()
+            .with_context(|| format!("bad number {s:?} in workload {spec:?}"))
+    };
+    let (label, cmd) = match parts.as_slice() {
+        ["harness", n] => {
+            let total_events = num(n)?;
+            (
+                format!("harness-{total_events}"),
+                WorkloadCmd::Harness(HarnessArgs {
+                    total_events,
+                    concurrency: HARNESS_CONCURRENCY,
+                    users: None,
+                    seed: HARNESS_SEED,
+                    max_batch: HARNESS_MAX_BATCH,
+                }),
+            )
+        }
+        ["fanout", c] | ["fanout", c, _] => {
+            let clients = num(c)?;
+            let events = match parts.get(2) {
+                Some(e) => num(e)?,
+                None => DEFAULT_FANOUT_EVENTS,
+            };
+            (
+                format!("fanout-{clients}c-{events}"),
+                WorkloadCmd::Fanout(FanoutArgs {
+                    users: FANOUT_USERS.max(clients),
+                    clients,
+                    follows: FANOUT_FOLLOWS,
+                    zipf: FANOUT_ZIPF,
+                    events,
+                    status_share: FANOUT_STATUS_SHARE,
+                    broadcast_share: FANOUT_BROADCAST_SHARE,
+                    seed: HARNESS_SEED,
+                    max_batch: HARNESS_MAX_BATCH,
+                }),
+            )
+        }
+        _ => anyhow::bail!("workload {spec:?}: expected harness:EVENTS or fanout:CLIENTS[:EVENTS]"),
+    };
+    Ok(WorkloadSpec {
+        label,
+        spec: spec.to_string(),
+        cmd,
+    })
+}
+
+/// Parses `NAME=CMD`.
+pub fn parse_server(spec: &str) -> anyhow::Result<ServerSpec> {
+    let (name, command) = spec
+        .split_once('=')
+        .with_context(|| format!("--server {spec:?}: expected NAME=CMD"))?;
+    let name = name.trim();
+    anyhow::ensure!(
+        !name.is_empty() && name != CEILING_NAME,
+        "--server {spec:?}: the name must be non-empty and not {CEILING_NAME:?}"
+    );
+    anyhow::ensure!(
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        "--server {spec:?}: the name may hold letters, digits, '-', '_' and '.'"
+    );
+    Ok(ServerSpec {
+        name: name.to_string(),
+        command: command.to_string(),
+    })
+}
+
+/// The servers of the default comparison, for the efr-sharded binary `bin`.
+pub fn default_servers(bin: &Path) -> Vec<ServerSpec> {
+    let base = format!(
+        "exec {} --event-port {{event_port}} --client-port {{client_port}}",
+        shell_quote(&bin.display().to_string())
+    );
+    let mut out = Vec::new();
+    for cores in DEFAULT_CORES {
+        out.push(ServerSpec {
+            name: format!("sharded-c{cores}-heap"),
+            command: format!("{base} --cores {cores} --resequencer heap"),
+        });
+    }
+    for r in DEFAULT_RESEQUENCERS {
+        let name = format!("sharded-c{DEFAULT_RESEQUENCER_CORES}-{r}");
+        if out.iter().any(|s| s.name == name) {
+            continue;
+        }
+        out.push(ServerSpec {
+            name,
+            command: format!("{base} --cores {DEFAULT_RESEQUENCER_CORES} --resequencer {r}"),
+        });
+    }
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Runs the comparison and writes its files. Returns the summary and the output directory.
+pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, PathBuf)> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let mut servers: Vec<ServerSpec> = Vec::new();
+    if args.default {
+        let bin = match &args.efr_sharded {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .context("locating efr-load")?
+                .with_file_name("efr-sharded"),
+        };
+        anyhow::ensure!(
+            bin.exists(),
+            "efr-sharded not found at {} (build it, or pass --efr-sharded)",
+            bin.display()
+        );
+        servers.extend(default_servers(&bin));
+    }
+    for s in &args.servers {
+        servers.push(parse_server(s)?);
+    }
+    let mut names = std::collections::HashSet::new();
+    for s in &servers {
+        anyhow::ensure!(names.insert(s.name.clone()), "two servers named {}", s.name);
+    }
+    let specs: Vec<String> = if args.workloads.is_empty() {
+        anyhow::ensure!(
+            args.default,
+            "give --workloads (e.g. harness:1000000) or --default"
+        );
+        DEFAULT_WORKLOADS.split(',').map(String::from).collect()
+    } else {
+        args.workloads.clone()
+    };
+    let workloads = specs
+        .iter()
+        .map(|s| parse_workload(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new(DEFAULT_OUT_ROOT).join(utc_date()));
+    std::fs::create_dir_all(dir.join("raw"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+
+    // Servers inherit it: 10,000 clients need more descriptors than many defaults.
+    super::raise_nofile(u64::MAX);
+    let started = Instant::now();
+    let started_utc = utc_timestamp();
+    let loadavg_before = loadavg();
+    let mut rows = Vec::new();
+    for w in &workloads {
+        let row = run_ceiling(args, w, &dir)?;
+        let ceiling_rate = row.notifications_per_s.filter(|_| row.pass);
+        rows.push(row);
+        for s in &servers {
+            let mut row = run_server(args, w, s, &dir)?;
+            row.ratio_to_ceiling = match (row.notifications_per_s, ceiling_rate) {
+                (Some(a), Some(c)) if c > 0.0 => Some(a / c),
+                _ => None,
+            };
+            rows.push(row);
+        }
+    }
+    let charts = super::chart::write_charts(&dir, &rows)?;
+    let summary = Summary {
+        command: command.to_string(),
+        started_utc,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        loadavg_before,
+        loadavg_after: loadavg(),
+        runs: args.runs,
+        servers,
+        workloads,
+        rows,
+        machine: report::machine(),
+        profile: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        charts,
+    };
+    let text = serde_json::to_string_pretty(&summary)?;
+    std::fs::write(dir.join("summary.json"), text + "\n")?;
+    std::fs::write(dir.join("summary.md"), markdown(&summary))?;
+    Ok((summary, dir))
+}
+
+/// The load settings of one run against `event_port`/`client_port`.
+fn load_config(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    event_port: u16,
+    client_port: u16,
+    json: PathBuf,
+) -> LoadConfig {
+    let mut c = LoadConfig::parse_from(["efr-load"]);
+    c.host = "127.0.0.1".into();
+    c.event_port = event_port;
+    c.client_port = client_port;
+    c.json = Some(json);
+    c.timeout = args.timeout;
+    c.readers = args.readers;
+    c.max_inflight_batches = args.max_inflight_batches;
+    c.progress = args.progress;
+    c.workload = Some(w.cmd.clone());
+    c
+}
+
+fn file_stem(workload: &str, server: &str) -> String {
+    format!("{workload}--{server}")
+}
+
+fn note(args: &CompareArgs, msg: &str) {
+    if !args.quiet {
+        eprintln!("efr-load compare: {msg}");
+    }
+}
+
+/// One run, its JSON under `raw/`.
+fn one_run(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    server: &str,
+    run: usize,
+    ports: (u16, u16),
+    dir: &Path,
+) -> RunOutcome {
+    let rel = format!("raw/{}--run{run}.json", file_stem(&w.label, server));
+    let config = load_config(args, w, ports.0, ports.1, dir.join(&rel));
+    let out = match super::run(&config) {
+        Ok(report) => RunOutcome {
+            run,
+            report: Some(report),
+            error: None,
+            json: Some(rel),
+        },
+        Err(e) => RunOutcome {
+            run,
+            report: None,
+            error: Some(format!("{e:#}")),
+            json: None,
+        },
+    };
+    match (&out.report, &out.error) {
+        (Some(r), _) => note(
+            args,
+            &format!(
+                "{} {server} run {run}: {} {:.0} notifications/s in {:.2}s",
+                w.label,
+                if r.pass { "PASS" } else { "FAIL" },
+                r.notifications_per_s,
+                r.wall_s
+            ),
+        ),
+        (None, Some(e)) => note(args, &format!("{} {server} run {run}: error: {e}", w.label)),
+        _ => {}
+    }
+    out
+}
+
+fn run_ceiling(args: &CompareArgs, w: &WorkloadSpec, dir: &Path) -> anyhow::Result<Row> {
+    let exe = match &args.efr_load {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating efr-load")?,
+    };
+    let stem = file_stem(&w.label, CEILING_NAME);
+    let ready = dir.join(format!("logs/{stem}.ready"));
+    let stats = dir.join(format!("logs/{stem}.stats.json"));
+    for f in [&ready, &stats] {
+        let _ = std::fs::remove_file(f);
+    }
+    let spec = ServerSpec {
+        name: CEILING_NAME.to_string(),
+        command: format!(
+            "exec {} null-server --workload {} --lookahead-mib {} --ready-file {} \
+             --stats-file {} --event-port {{event_port}} --client-port {{client_port}}",
+            shell_quote(&exe.display().to_string()),
+            shell_quote(&w.spec),
+            args.ceiling_lookahead_mib,
+            shell_quote(&ready.display().to_string()),
+            shell_quote(&stats.display().to_string()),
+        ),
+    };
+    let is_ready = |run: usize| file_number(&ready) >= run as u64;
+    let mut row = run_server_with(args, w, &spec, dir, &is_ready)?;
+    row.ceiling = std::fs::read_to_string(&stats)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    row.ratio_to_ceiling = row.pass.then_some(1.0);
+    Ok(row)
+}
+
+/// The number in `path`, 0 when there is none yet.
+fn file_number(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn run_server(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    spec: &ServerSpec,
+    dir: &Path,
+) -> anyhow::Result<Row> {
+    run_server_with(args, w, spec, dir, &|_| true)
+}
+
+/// Starts the server, runs the workload (each run once `is_ready(run)`), stops the server.
+fn run_server_with(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    spec: &ServerSpec,
+    dir: &Path,
+    is_ready: &dyn Fn(usize) -> bool,
+) -> anyhow::Result<Row> {
+    let (event_port, client_port) = free_ports()?;
+    let command = spec
+        .command
+        .replace("{event_port}", &event_port.to_string())
+        .replace("{client_port}", &client_port.to_string());
+    let log_rel = format!("logs/{}.log", file_stem(&w.label, &spec.name));
+    let log = std::fs::File::create(dir.join(&log_rel))?;
+    note(
+        args,
+        &format!("{} {}: starting {command}", w.label, spec.name),
+    );
+    let mut server = ServerProcess::spawn(&command, log)?;
+    let mut outcomes = Vec::new();
+    let ready = server.wait_listening(
+        &[event_port, client_port],
+        Duration::from_millis(args.start_timeout_ms),
+    );
+    match ready {
+        Ok(()) => {
+            for run in 1..=args.runs {
+                if let Some(status) = server.exited() {
+                    outcomes.push(RunOutcome {
+                        run,
+                        report: None,
+                        error: Some(format!("the server exited ({status})")),
+                        json: None,
+                    });
+                    continue;
+                }
+                if let Err(e) = server.wait_ready(run, is_ready, CEILING_PREPARE_TIMEOUT) {
+                    outcomes.push(RunOutcome {
+                        run,
+                        report: None,
+                        error: Some(format!("{e:#}")),
+                        json: None,
+                    });
+                    continue;
+                }
+                outcomes.push(one_run(
+                    args,
+                    w,
+                    &spec.name,
+                    run,
+                    (event_port, client_port),
+                    dir,
+                ));
+            }
+        }
+        Err(e) => {
+            note(args, &format!("{} {}: {e:#}", w.label, spec.name));
+            for run in 1..=args.runs {
+                outcomes.push(RunOutcome {
+                    run,
+                    report: None,
+                    error: Some(format!("{e:#}")),
+                    json: None,
+                });
+            }
+        }
+    }
+    let peak = server.stop(Duration::from_millis(args.stop_timeout_ms));
+    let mut row = make_row(w, &spec.name, &command, outcomes);
+    row.peak_rss_bytes = peak;
+    row.log = Some(log_rel.clone());
+    row.server_order_violations = order_violations(&dir.join(&log_rel));
+    Ok(row)
+}
+
+/// The last `order_violations=N` in a server log (0 when the server logs counters but none).
+fn order_violations(log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut found = None;
+    for line in text.lines() {
+        if line.contains("session ended") || line.contains("stopped (") {
+            found = Some(0);
+        }
+        if let Some(i) = line.rfind(ORDER_VIOLATIONS_KEY) {
+            let rest = &line[i + ORDER_VIOLATIONS_KEY.len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let Ok(n) = digits.parse() {
+                found = Some(n);
+            }
+        }
+    }
+    found
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn make_row(w: &WorkloadSpec, server: &str, command: &str, outcomes: Vec<RunOutcome>) -> Row {
+    let reports: Vec<&Report> = outcomes.iter().filter_map(|o| o.report.as_ref()).collect();
+    let med = |f: &dyn Fn(&Report) -> f64| median(reports.iter().map(|r| f(r)).collect());
+    let mut errors = Vec::new();
+    let mut error_count = 0;
+    for o in &outcomes {
+        if let Some(e) = &o.error {
+            error_count += 1;
+            errors.push(format!("run {}: {e}", o.run));
+        }
+        if let Some(r) = &o.report {
+            error_count += r.error_count;
+            errors.extend(r.errors.iter().map(|e| format!("run {}: {e}", o.run)));
+        }
+    }
+    errors.truncate(MAX_ROW_ERRORS);
+    let runs_passed = reports.iter().filter(|r| r.pass).count();
+    Row {
+        workload: w.label.clone(),
+        server: server.to_string(),
+        command: command.to_string(),
+        pass: runs_passed == outcomes.len(),
+        runs_passed,
+        runs: outcomes.len(),
+        events_per_s: med(&|r| r.events_per_s),
+        notifications_per_s: med(&|r| r.notifications_per_s),
+        notifications: med(&|r| r.notifications as f64).map(|v| v as u64),
+        wall_s: med(&|r| r.wall_s),
+        p50_us: med(&|r| r.latency.p50_us),
+        p99_us: med(&|r| r.latency.p99_us),
+        p999_us: med(&|r| r.latency.p999_us),
+        peak_rss_bytes: None,
+        ratio_to_ceiling: None,
+        error_count,
+        server_order_violations: None,
+        errors,
+        ceiling: None,
+        run_outcomes: outcomes,
+        log: None,
+    }
+}
+
+/// Two free TCP ports on 127.0.0.1: bound to port 0 together, then released.
+pub fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0")?;
+    let b = TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+/// A server started through `sh -c` in its own process group.
+struct ServerProcess {
+    child: Child,
+    pgid: i32,
+    peak: Arc<Mutex<std::collections::HashMap<i32, u64>>>,
+    sampling: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerProcess {
+    fn spawn(command: &str, log: std::fs::File) -> anyhow::Result<ServerProcess> {
+        let err = log.try_clone()?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe. If compare dies (SIGINT, SIGKILL) before it
+        // stops the server, the kernel ends the server too (exec keeps the setting).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting sh -c {command:?}"))?;
+        let pgid = child.id() as i32;
+        let peak = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let (p, s) = (peak.clone(), sampling.clone());
+        let sampler = std::thread::Builder::new()
+            .name("efr-compare-rss".into())
+            .spawn(move || {
+                while s.load(Ordering::Acquire) {
+                    sample_rss(pgid, &p);
+                    std::thread::sleep(RSS_POLL);
+                }
+            })?;
+        Ok(ServerProcess {
+            child,
+            pgid,
+            peak,
+            sampling,
+            sampler: Some(sampler),
+        })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits until `is_ready(run)`, failing if the server exits or `timeout` passes.
+    fn wait_ready(
+        &mut self,
+        run: usize,
+        is_ready: &dyn Fn(usize) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !is_ready(run) {
+            if let Some(status) = self.exited() {
+                anyhow::bail!("the server exited ({status}) before run {run} was prepared");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "run {run} was not prepared within {timeout:?}"
+            );
+            std::thread::sleep(PORT_POLL);
+        }
+        Ok(())
+    }
+
+    /// Waits until every port listens, the server exits, or the timeout passes.
+    fn wait_listening(&mut self, ports: &[u16], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                anyhow::bail!("the server exited ({status}) before its ports listened");
+            }
+            let listening = listening_ports();
+            if ports.iter().all(|p| listening.contains(p)) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the server's ports {ports:?} did not listen within {timeout:?}"
+            );
+            std::thread::sleep(PORT_POLL);
+        }
+    }
+
+    /// SIGTERM to the group, SIGKILL after `grace`; returns the group's peak RSS.
+    fn stop(mut self, grace: Duration) -> Option<u64> {
+        sample_rss(self.pgid, &self.peak);
+        self.sampling.store(false, Ordering::Release);
+        if let Some(h) = self.sampler.take() {
+            let _ = h.join();
+        }
+        // SAFETY: signals to the process group we created (its id is our child's pid, which
+        // is not reaped yet, so it cannot have been reused).
+        unsafe { libc::kill(-self.pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(EXIT_POLL);
+        }
+        if !group_members(self.pgid).is_empty() || self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: as above; members remain, so the group id is still ours.
+            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+        let peak = self.peak.lock().unwrap_or_else(|p| p.into_inner());
+        (!peak.is_empty()).then(|| peak.values().sum())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.sampling.store(false, Ordering::Release);
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: our own, unreaped child's process group.
+            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Processes whose process group is `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // Fields after the command (which is in parentheses): state ppid pgrp.
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// Records each group member's VmHWM (its own peak RSS), bytes.
+fn sample_rss(pgid: i32, peak: &Mutex<std::collections::HashMap<i32, u64>>) {
+    for pid in group_members(pgid) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let hwm = status.lines().find_map(|l| {
+            let v = l.strip_prefix("VmHWM:")?;
+            v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        });
+        if let Some(kb) = hwm {
+            let mut m = peak.lock().unwrap_or_else(|p| p.into_inner());
+            let e = m.entry(pid).or_insert(0);
+            *e = (*e).max(kb * 1024);
+        }
+    }
+}
+
+/// Ports in the LISTEN state (IPv4 and IPv6), from /proc/net/tcp*.
+fn listening_ports() -> Vec<u16> {
+    /// The LISTEN state in /proc/net/tcp.
+    const TCP_LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(mut file) = std::fs::File::open(f) else {
+            continue;
+        };
+        let mut text = String::new();
+        if file.read_to_string(&mut text).is_err() {
+            continue;
+        }
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 3 && cols[3] == TCP_LISTEN {
+                if let Some(port) = cols[1].rsplit(':').next() {
+                    if let Ok(p) = u16::from_str_radix(port, 16) {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn loadavg() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Today's UTC date, `YYYY-MM-DD`.
+pub fn utc_date() -> String {
+    let (y, m, d) = civil_from_days(now_secs().div_euclid(86_400));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn utc_timestamp() -> String {
+    let s = now_secs();
+    let (y, m, d) = civil_from_days(s.div_euclid(86_400));
+    let t = s.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
+fn fmt_rate(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1e6 => format!("{:.2} M", v / 1e6),
+        Some(v) if v >= 1e3 => format!("{:.1} k", v / 1e3),
+        Some(v) => format!("{v:.0}"),
+        None => "n/a".into(),
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1e6 => format!("{:.2} s", v / 1e6),
+        Some(v) if v >= 1e3 => format!("{:.1} ms", v / 1e3),
+        Some(v) => format!("{v:.0} us"),
+        None => "n/a".into(),
+    }
+}
+
+/// The markdown tables, one per workload.
+pub fn markdown(s: &Summary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Medians of {} run(s) per row; latency from the write of the batch that made an event \
+         deliverable to the read of its notification. Ratio: notifications/s over the ceiling's.\n",
+        s.runs
+    );
+    for w in &s.workloads {
+        let _ = writeln!(out, "### {}\n", w.label);
+        let _ = writeln!(
+            out,
+            "| server | result | events/s | notifications/s | p50 | p99 | p99.9 | peak RSS | ratio to ceiling |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in s.rows.iter().filter(|r| r.workload == w.label) {
+            let result = if r.pass {
+                format!("PASS {}/{}", r.runs_passed, r.runs)
+            } else {
+                let mut t = format!(
+                    "FAIL {}/{} passed, {} errors",
+                    r.runs_passed, r.runs, r.error_count
+                );
+                if let Some(v) = r.server_order_violations.filter(|&v| v > 0) {
+                    let _ = write!(t, ", {v} order violations");
+                }
+                t
+            };
+            let rss = r
+                .peak_rss_bytes
+                .map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
+            let ratio = r
+                .ratio_to_ceiling
+                .map_or("n/a".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.server,
+                result,
+                fmt_rate(r.events_per_s),
+                fmt_rate(r.notifications_per_s),
+                fmt_us(r.p50_us),
+                fmt_us(r.p99_us),
+                fmt_us(r.p999_us),
+                rss,
+                ratio
+            );
+        }
+        let _ = writeln!(out);
+        for r in s.rows.iter().filter(|r| r.workload == w.label && !r.pass) {
+            for e in &r.errors {
+                let _ = writeln!(out, "- {} {}: {}", r.server, r.workload, e);
+            }
+        }
+        if s.rows.iter().any(|r| r.workload == w.label && !r.pass) {
+            let _ = writeln!(out);
+        }
+    }
+    if !s.charts.is_empty() {
+        let _ = writeln!(out, "Charts:\n");
+        for c in &s.charts {
+            let _ = writeln!(out, "- [{c}]({c})");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn specs() {
+        let w = parse_workload("harness:1_000").unwrap();
+        assert_eq!(w.label, "harness-1000");
+        let w = parse_workload("fanout:50:200").unwrap();
+        assert_eq!(w.label, "fanout-50c-200");
+        assert!(parse_workload("bogus:1").is_err());
+        let s = parse_server("a=echo {event_port}").unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.command.as_str()),
+            ("a", "echo {event_port}")
+        );
+        assert!(parse_server("ceiling=x").is_err());
+        assert!(parse_server("noequals").is_err());
+    }
+
+    #[test]
+    fn default_servers_cover_the_cores_and_the_resequencers() {
+        let names: Vec<String> = default_servers(Path::new("/x/efr-sharded"))
+            .into_iter()
+            .map(|s| {
+                assert!(s
+                    .command
+                    .starts_with("exec /x/efr-sharded --event-port {event_port}"));
+                s.name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sharded-c1-heap",
+                "sharded-c2-heap",
+                "sharded-c4-heap",
+                "sharded-c8-heap",
+                "sharded-c2-stream",
+                "sharded-c2-batch"
+            ]
+        );
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        let w: Vec<String> = DEFAULT_WORKLOADS
+            .split(',')
+            .map(|s| parse_workload(s).unwrap().label)
+            .collect();
+        assert_eq!(
+            w,
+            ["harness-1000000", "harness-10000000", "fanout-10000c-20000"]
+        );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+    }
+}

@@ -1,0 +1,196 @@
+//! `efr-load compare` end to end, with tiny workloads: efr-sharded and the built-in ceiling
+//! (`efr-load null-server`) both pass, the files are written, the ceiling's ratio is 1; a
+//! server that exits at once or never listens is reported as failed, without hanging; the
+//! in-process ceiling serves several runs of a workload, with a lookahead smaller than its
+//! output, and writes exactly the bytes the socket-free model computes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use efr::load::ceiling::{CeilingSettings, NullServer};
+use efr::load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
+use efr::load::model::expected_streams;
+use efr::load::workload::LineEnding;
+
+/// Longest any single test may take (they are far faster; this only bounds a hang).
+const TEST_BOUND: Duration = Duration::from_secs(30);
+
+fn sharded_cmd(cores: u32) -> String {
+    format!(
+        "sharded=exec {} --cores {cores} --event-port {{event_port}} --client-port {{client_port}}",
+        env!("CARGO_BIN_EXE_efr-sharded")
+    )
+}
+
+/// Flags with `--runs 1` unless `extra` sets it.
+fn args(out: &Path, extra: &[&str]) -> CompareArgs {
+    let mut v = vec![
+        "efr-load compare".to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+        "--efr-load".into(),
+        env!("CARGO_BIN_EXE_efr-load").into(),
+    ];
+    if !extra.contains(&"--runs") {
+        v.extend(["--runs".to_string(), "1".to_string()]);
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    CompareArgs::parse_from(v)
+}
+
+fn non_empty(path: &Path) {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(meta.len() > 0, "{} is empty", path.display());
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("efr-compare-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn sharded_and_ceiling_pass_and_files_are_written() {
+    let out = temp_dir("pass");
+    let server = sharded_cmd(1);
+    let a = args(
+        &out,
+        &[
+            "--workloads",
+            "harness:5000,fanout:30:300",
+            "--server",
+            &server,
+        ],
+    );
+    let started = Instant::now();
+    let (summary, dir) = compare(&a, "test").unwrap();
+    assert!(started.elapsed() < TEST_BOUND);
+    assert_eq!(dir, out);
+    assert_eq!(summary.rows.len(), 4);
+    for r in &summary.rows {
+        assert!(
+            r.pass,
+            "{} on {} failed: {:?}",
+            r.server, r.workload, r.errors
+        );
+        assert!(r.notifications_per_s.unwrap() > 0.0);
+        assert!(r.p50_us.is_some() && r.p99_us.is_some() && r.p999_us.is_some());
+        assert!(r.ratio_to_ceiling.unwrap() > 0.0);
+        for o in &r.run_outcomes {
+            non_empty(&out.join(o.json.as_ref().unwrap()));
+        }
+    }
+    let ceilings: Vec<_> = summary
+        .rows
+        .iter()
+        .filter(|r| r.server == CEILING_NAME)
+        .collect();
+    assert_eq!(ceilings.len(), 2);
+    for c in ceilings {
+        assert_eq!(c.ratio_to_ceiling, Some(1.0));
+        assert!(c.peak_rss_bytes.unwrap() > 0);
+        let st = c.ceiling.as_ref().unwrap();
+        assert!(st.total_bytes > 0 && st.precomputed_bytes == st.total_bytes);
+    }
+    let sharded = summary.rows.iter().find(|r| r.server == "sharded").unwrap();
+    assert!(sharded.peak_rss_bytes.unwrap() > 0);
+    // Both rows of a workload verified the same notifications.
+    for w in ["harness-5000", "fanout-30c-300"] {
+        let counts: Vec<_> = summary
+            .rows
+            .iter()
+            .filter(|r| r.workload == w)
+            .map(|r| r.notifications)
+            .collect();
+        assert_eq!(counts[0], counts[1], "{w}");
+    }
+    for f in ["summary.json", "summary.md"] {
+        non_empty(&out.join(f));
+    }
+    assert_eq!(summary.charts.len(), 4);
+    for c in &summary.charts {
+        let text = std::fs::read_to_string(out.join(c)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("</svg>"), "{c}");
+    }
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| ceiling | PASS 1/1 |") && md.contains("| sharded | PASS 1/1 |"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_server_that_exits_or_never_listens_is_a_failure_not_a_hang() {
+    let out = temp_dir("fail");
+    let a = args(
+        &out,
+        &[
+            "--workloads",
+            "harness:1000",
+            "--runs",
+            "2",
+            "--start-timeout-ms",
+            "1000",
+            "--server",
+            "exits=exit 7",
+            "--server",
+            "sleeps=sleep 30",
+        ],
+    );
+    let started = Instant::now();
+    let (summary, _) = compare(&a, "test").unwrap();
+    assert!(started.elapsed() < TEST_BOUND);
+    let row = |n: &str| summary.rows.iter().find(|r| r.server == n).unwrap();
+    assert!(row(CEILING_NAME).pass);
+    for name in ["exits", "sleeps"] {
+        let r = row(name);
+        assert!(!r.pass && r.runs_passed == 0 && r.runs == 2, "{name}");
+        assert!(r.notifications_per_s.is_none() && r.ratio_to_ceiling.is_none());
+    }
+    assert!(row("exits").errors[0].contains("exited"));
+    assert!(row("sleeps").errors[0].contains("did not listen"));
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| exits | FAIL 0/2 passed"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn ceiling_serves_several_runs_with_a_small_lookahead() {
+    // A lookahead smaller than the output: part of it is generated during the run.
+    let w = parse_workload("harness:50000").unwrap();
+    let mut model_workload = w.cmd.build(LineEnding::Lf).unwrap();
+    let expected: u64 = expected_streams(model_workload.as_mut())
+        .unwrap()
+        .iter()
+        .map(|s| s.len() as u64)
+        .sum();
+    let null = NullServer::start(
+        &w.cmd,
+        CeilingSettings {
+            lookahead_bytes: 1,
+            line_ending: LineEnding::Lf,
+        },
+    )
+    .unwrap();
+    for run in 1..=2u64 {
+        null.wait_prepared(run, TEST_BOUND).unwrap();
+        let mut cfg = efr::load::LoadConfig::parse_from([
+            "efr-load",
+            "--progress",
+            "off",
+            "harness",
+            "--total-events",
+            "50000",
+        ]);
+        cfg.event_port = null.event_port();
+        cfg.client_port = null.client_port();
+        let report = efr::load::run(&cfg).unwrap();
+        assert!(report.pass, "{}", report.summary());
+        assert_eq!(report.bytes_received, expected);
+    }
+    null.wait_served(2, TEST_BOUND).unwrap();
+    let st = null.stats();
+    assert_eq!(st.total_bytes, expected);
+    assert!(st.precomputed_bytes < st.total_bytes, "{st:?}");
+    assert!(null.error().is_none());
+}
