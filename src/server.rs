@@ -16,7 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
 use crate::config::{cpu_count, Config};
-use crate::listener::{AcceptThread, ACCEPT_QUEUE_DEPTH};
+use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
@@ -102,12 +102,12 @@ impl RunningServer {
 
 /// Binds the listeners and starts the executors.
 pub fn start(config: Config) -> std::io::Result<RunningServer> {
-    let event_listener = std::net::TcpListener::bind(config.event_addr)?;
-    let client_listener = std::net::TcpListener::bind(config.client_addr)?;
+    let event_listener = listener::bind(config.event_addr)?;
+    let client_listener = listener::bind(config.client_addr)?;
     let event_addr = event_listener.local_addr()?;
     let client_addr = client_listener.local_addr()?;
     let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(std::net::TcpListener::bind(addr)?),
+        Some(addr) => Some(listener::bind(addr)?),
         None => None,
     };
     let metrics_addr = match &metrics_listener {
