@@ -22,6 +22,11 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 20_000;
 /// Default pause between the last client id and the source's connection, ms: the protocol
 /// acknowledges no id, so the server gets this long to register the clients.
 pub const DEFAULT_SETTLE_MS: u64 = 100;
+/// Extra settle time per connected client, microseconds: nothing in the protocol acknowledges
+/// an id, so the pause must cover the server taking every id in. With 10,000 clients a flat
+/// 100 ms was measured too short (`compare --default`, fanout against `efr-sharded --cores 1`:
+/// clients registered after the first events and missed them).
+pub const SETTLE_PER_CLIENT_US: u64 = 50;
 /// Default wait, after every client got its last expected line, for an extra line or the
 /// server's close of the client connections, ms. A server that closes them (PROTOCOL.md
 /// section 4) ends the run at once.
@@ -113,9 +118,10 @@ pub struct LoadConfig {
     /// original harness).
     #[arg(long, global = true, env = "timeout", default_value_t = DEFAULT_TIMEOUT_MS, value_name = "MS")]
     pub timeout: u64,
-    /// Pause after the last client id line before the source connects, ms.
-    #[arg(long, global = true, default_value_t = DEFAULT_SETTLE_MS, value_name = "MS")]
-    pub settle_ms: u64,
+    /// Pause after the last client id line before the source connects, ms. Default: 100 ms
+    /// plus 50 us per client (600 ms for 10,000 clients).
+    #[arg(long, global = true, value_name = "MS")]
+    pub settle_ms: Option<u64>,
     /// After every client got its last expected line: how long to wait for extra lines when
     /// the server does not close the client connections, ms.
     #[arg(long, global = true, default_value_t = DEFAULT_DRAIN_MS, value_name = "MS")]
@@ -356,4 +362,9 @@ impl WorkloadCmd {
             }
         })
     }
+}
+
+/// The pause before the source connects: `--settle-ms`, or the default for `clients` clients.
+pub fn settle_ms(flag: Option<u64>, clients: u64) -> u64 {
+    flag.unwrap_or(DEFAULT_SETTLE_MS + clients * SETTLE_PER_CLIENT_US / 1000)
 }

@@ -197,7 +197,10 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
                 .spawn(move || clients::run_reader(conns, max_user, rx, shared, settings))?,
         );
     }
-    std::thread::sleep(Duration::from_millis(config.settle_ms));
+    std::thread::sleep(Duration::from_millis(config::settle_ms(
+        config.settle_ms,
+        users.len() as u64,
+    )));
 
     let source_stream = resolve(&config.host, config.event_port).and_then(|addr| {
         TcpStream::connect_timeout(&addr, Duration::from_millis(config.connect_timeout_ms))
