@@ -494,3 +494,103 @@ fn ten_thousand_idle_connections_are_closed_after_the_handshake_timeout() {
     }
     assert!(server.child.wait().unwrap().success());
 }
+
+/// Sends `source` (raw bytes) to a server with one client of user 1 and returns what that
+/// client received, with the server for its counters.
+fn one_client_run(config: Config, source: &[u8]) -> (String, efr::server::RunningServer) {
+    let server = start_server(config);
+    let clients = connect_all(&server, &[1], "\n");
+    let mut stream = TcpStream::connect(server.event_addr).unwrap();
+    stream.write_all(source).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let _ = stream.read_to_end(&mut Vec::new());
+    let received = clients.into_iter().next().unwrap().finish();
+    (String::from_utf8(received).unwrap(), server)
+}
+
+#[test]
+fn malformed_event_line_consumes_its_seq_as_a_no_op() {
+    let (got, server) = one_client_run(Config::ephemeral(2), b"3|B\n2|X|1|1\n1|B\n");
+    assert_eq!(got, "1|B\n3|B\n");
+    assert_eq!(count(&server, |c| &c.events_malformed), 1);
+    assert_eq!(count(&server, |c| &c.holes_skipped), 0);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn event_line_without_a_valid_seq_or_empty_is_dropped() {
+    let (got, server) = one_client_run(Config::ephemeral(2), b"\nx|B\n1|B\n\r\n0|B\n2|B\n");
+    assert_eq!(got, "1|B\n2|B\n");
+    assert_eq!(count(&server, |c| &c.lines_unparseable), 4);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn duplicate_or_already_delivered_seq_is_dropped_and_the_first_wins() {
+    let (got, server) = one_client_run(Config::ephemeral(2), b"2|P|9|1\n2|B\n1|B\n1|P|9|1\n3|B\n");
+    assert_eq!(got, "1|B\n2|P|9|1\n3|B\n");
+    assert_eq!(
+        count(&server, |c| &c.events_duplicate) + count(&server, |c| &c.events_already_delivered),
+        2
+    );
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn seq_beyond_the_window_is_dropped() {
+    let config = Config {
+        resequencer_capacity: 10,
+        ..Config::ephemeral(2)
+    };
+    let (got, server) = one_client_run(config, b"11|B\n12|B\n1|B\n2|B\n");
+    assert_eq!(got, "1|B\n2|B\n");
+    assert_eq!(count(&server, |c| &c.events_beyond_window), 2);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn event_line_longer_than_the_limit_is_skipped_to_its_lf() {
+    let config = Config {
+        max_line: 32,
+        ..Config::ephemeral(2)
+    };
+    let mut source = b"1|B\n2|P|9|".to_vec();
+    source.extend(std::iter::repeat_n(b'1', 100));
+    source.extend(b"\n3|B\n");
+    let (got, server) = one_client_run(config, &source);
+    // Seq 2 never arrived as a valid line: it is a hole, skipped at source close.
+    assert_eq!(got, "1|B\n3|B\n");
+    assert_eq!(count(&server, |c| &c.lines_too_long), 1);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn partial_last_line_at_source_close_is_dropped() {
+    let (got, server) = one_client_run(Config::ephemeral(2), b"1|B\n2|B");
+    assert_eq!(got, "1|B\n");
+    assert_eq!(count(&server, |c| &c.partial_lines), 1);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn client_that_closes_mid_stream_is_unregistered_and_nothing_else_changes() {
+    let server = start_server(Config::ephemeral(2));
+    let stay = connect_all(&server, &[1], "\n");
+    let mut leaver = TcpStream::connect(server.client_addr).unwrap();
+    leaver.write_all(b"2\n").unwrap();
+    wait_registered(&server, 2);
+    drop(leaver);
+    eventually("the leaver is unregistered", || {
+        count(&server, |c| &c.clients_closed_by_peer) == 1
+    });
+    let events: Vec<String> = ["1|B", "2|P|1|2", "3|P|2|1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    send_source(server.event_addr, &events, &[vec![0, 1, 2]], "\n");
+    check_clients(stay, &expected_notifications(&events, &[1]));
+    eventually("every client connection ended", || {
+        count(&server, |c| &c.clients_open) == 0
+    });
+    server.stop_and_wait().unwrap();
+}
