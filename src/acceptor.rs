@@ -5,7 +5,7 @@
 //! connected is one well-defined point of that shard's ordered stream: it receives exactly the
 //! notifications of the batches queued after its registration.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -14,6 +14,7 @@ use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
 use crate::channel;
+use crate::listener;
 use crate::notify::Latch;
 use crate::protocol::parse_u64;
 use crate::router::Ownership;
@@ -46,12 +47,7 @@ enum Handshake {
 pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
     loop {
-        let next = futures_lite::future::or(channel::recv(&accepted), async {
-            acceptor.stop.wait().await;
-            None
-        })
-        .await;
-        let Some(fd) = next else {
+        let Some(stream) = listener::next_connection(&accepted, &acceptor.stop).await else {
             break;
         };
         let counters = &acceptor.shared.counters;
@@ -68,8 +64,6 @@ pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
             });
             continue;
         }
-        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
-        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         glommio::spawn_local(identify(stream, acceptor.clone(), ownership.clone())).detach();
     }
 }

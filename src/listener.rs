@@ -8,7 +8,7 @@
 //! side receives through [`crate::channel::recv`], which does not depend on wake-ups alone.
 
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -88,4 +88,19 @@ impl AcceptThread {
     pub fn join(self) {
         let _ = self.handle.join();
     }
+}
+
+/// On executor 0: the next connection from an accept thread, as a glommio stream, or `None`
+/// once `stop` is set or the accept thread is gone.
+pub async fn next_connection(
+    accepted: &flume::Receiver<OwnedFd>,
+    stop: &crate::notify::Latch,
+) -> Option<glommio::net::TcpStream> {
+    let fd = futures_lite::future::or(crate::channel::recv(accepted), async {
+        stop.wait().await;
+        None
+    })
+    .await?;
+    // SAFETY: a connected TCP socket from the accept thread, owned from here on.
+    Some(unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) })
 }

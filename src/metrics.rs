@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use glommio::net::TcpStream;
 
-use crate::channel;
+use crate::listener;
 use crate::notify::Latch;
 use crate::server::Shared;
 use crate::stats::Counters;
@@ -56,16 +56,9 @@ pub fn resident_memory_bytes() -> Option<u64> {
 /// Serves the metrics page until the stop signal.
 pub async fn run(accepted: flume::Receiver<OwnedFd>, shared: Arc<Shared>, stop: Rc<Latch>) {
     loop {
-        let next = futures_lite::future::or(channel::recv(&accepted), async {
-            stop.wait().await;
-            None
-        })
-        .await;
-        let Some(fd) = next else {
+        let Some(stream) = listener::next_connection(&accepted, &stop).await else {
             break;
         };
-        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
-        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         glommio::spawn_local(answer(stream, shared.clone())).detach();
     }
 }

@@ -266,11 +266,6 @@ impl Router {
         self.free_clients.push(client);
     }
 
-    /// Whether the client is still registered.
-    pub fn is_open(&self, client: ClientId) -> bool {
-        self.outputs.clients[client as usize].state == ClientState::Open
-    }
-
     /// The user of a client.
     pub fn user_of(&self, client: ClientId) -> u64 {
         self.outputs.clients[client as usize].user
@@ -395,11 +390,6 @@ impl Router {
     /// The writer finished writing what it took; `buffer` is kept by the writer for reuse.
     pub fn written(&mut self, client: ClientId) {
         self.outputs.clients[client as usize].in_flight = 0;
-    }
-
-    /// Pending (not yet taken) bytes of a client.
-    pub fn pending_len(&self, client: ClientId) -> usize {
-        self.outputs.clients[client as usize].pending.len()
     }
 
     /// A client's own pending buffer (for tests and benchmarks).

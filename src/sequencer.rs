@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use glommio::net::TcpStream;
 
 use crate::batch::{BatchPool, OrderedBatch};
 use crate::channel;
 use crate::line::{Line, LineSplitter};
+use crate::listener;
 use crate::notify::Latch;
 use crate::protocol::{parse_event, EventKind, LineError};
 use crate::resequencer::{Admission, Resequencer};
@@ -94,16 +95,9 @@ impl Sequencer {
 /// Accepts event sources until the stop signal; refuses a second one while one is connected.
 pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
     loop {
-        let next = futures_lite::future::or(channel::recv(&accepted), async {
-            sequencer.stop.wait().await;
-            None
-        })
-        .await;
-        let Some(fd) = next else {
+        let Some(stream) = listener::next_connection(&accepted, &sequencer.stop).await else {
             break;
         };
-        // SAFETY: a connected TCP socket from the accept thread, owned from here on.
-        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         if sequencer.session_active.get() {
             Counters::add(&sequencer.shared.counters.sources_refused, 1);
             sequencer.shared.faults.warn(Fault::Refused, || {
@@ -198,7 +192,10 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
         sequencer.session_active.set(false);
         return;
     }
-    let mut batch = OrderedBatch::with_capacity(BATCH_CAPACITY_HINT);
+    let mut final_batch = pool.take();
+    let Some(batch) = Arc::get_mut(&mut final_batch) else {
+        unreachable!("the pool hands out batches nobody else holds");
+    };
     {
         if splitter.has_partial_line() {
             let counter = if splitter.is_skipping() {
@@ -214,13 +211,13 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
         }
     }
     {
-        reseq.finish(&mut batch, |hole| {
+        reseq.finish(batch, |hole| {
             record_hole(&shared, hole.first, hole.last, "source closed")
         });
         let violations = reseq.order_violations();
         Counters::add(&counters.order_violations, violations);
     }
-    sequencer.send_batch(Arc::new(batch), &mut pool).await;
+    sequencer.send_batch(final_batch, &mut pool).await;
     sequencer.broadcast(|| ShardCommand::EndSession).await;
     tracing::info!(
         "event source closed; session ended ({})",
