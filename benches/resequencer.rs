@@ -4,7 +4,7 @@
 //! * `harness_arrival`: contiguous batches of uniform size 1..=100, each shuffled (the original
 //!   harness's source); one read = one batch.
 //! * `recorded_order`: the real arrival order recorded from a harness run,
-//!   `../shared/data/harness-arrival-order-100k.txt`, fed in reads of 100 lines.
+//!   `tests/data/harness-arrival-order-100k.txt`, fed in reads of 100 lines.
 //! * `in_order`: seqs 1, 2, 3, ... in reads of 100.
 //! * `reversed_window`: blocks of 4096 seqs, each block in descending order, so every block
 //!   is a full reversal inside the window; reads of 128, so that a read never holds the end
@@ -50,11 +50,10 @@ const BATCH_CAPACITY: u64 = 4096;
 /// Users the harness events refer to.
 const USERS: u64 = 1000;
 
-/// The recorded harness arrival order, read when the bench runs (it lives beside the crate in
-/// `../shared/data`, outside the package).
+/// The recorded harness arrival order, read when the bench runs (`tests/data`, see its README).
 const RECORDED_ORDER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/harness-arrival-order-100k.txt"
+    "/tests/data/harness-arrival-order-100k.txt"
 );
 
 /// The events of a workload, indexed by `seq - 1`, with their payloads in one buffer.

@@ -12,7 +12,7 @@ use efr::server::RunningServer;
 
 const ARRIVAL_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/harness-arrival-order-100k.txt"
+    "/tests/data/harness-arrival-order-100k.txt"
 );
 
 fn load_config(server: &RunningServer, workload: &[&str]) -> LoadConfig {

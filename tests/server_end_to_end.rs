@@ -151,7 +151,7 @@ fn stream_resequencer_passes_the_harness_run() {
 fn replay_of_the_real_harness_arrival_order() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/harness-arrival-order-100k.txt"
+        "/tests/data/harness-arrival-order-100k.txt"
     );
     let order: Vec<usize> = std::fs::read_to_string(path)
         .expect("the recorded arrival order is readable")

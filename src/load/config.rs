@@ -235,7 +235,7 @@ pub struct FanoutArgs {
 /// `replay` parameters.
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct ReplayArgs {
-    /// File of seqs, one a line, e.g. ../shared/data/harness-arrival-order-100k.txt.
+    /// File of seqs, one a line, e.g. tests/data/harness-arrival-order-100k.txt.
     pub file: PathBuf,
     /// Use only the first N lines (seqs never written are holes, skipped at the end as the
     /// server does at source close).

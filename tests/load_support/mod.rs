@@ -9,7 +9,7 @@ use efr::load::LoadConfig;
 /// The recorded harness arrival order (a permutation of 1..=100000).
 pub const ARRIVAL_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/harness-arrival-order-100k.txt"
+    "/tests/data/harness-arrival-order-100k.txt"
 );
 
 /// The command-line arguments that point efr-load at `server`, quiet, then `args`.
