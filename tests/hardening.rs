@@ -339,11 +339,13 @@ fn metrics_endpoint_serves_every_counter_in_prometheus_text() {
     server.stop_and_wait().unwrap();
 }
 
-/// The real binary, with its listening ports read from its log.
+/// The real binary, with its listening ports read from its log. Its metrics endpoint is on,
+/// so a test can wait for the server's own counters instead of sleeping.
 struct Binary {
     child: std::process::Child,
     event_addr: std::net::SocketAddr,
     client_addr: std::net::SocketAddr,
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl Drop for Binary {
@@ -355,9 +357,44 @@ impl Drop for Binary {
     }
 }
 
+impl Binary {
+    /// The value of counter `efr_<name>` on the metrics page.
+    fn counter(&self, name: &str) -> u64 {
+        let mut stream = TcpStream::connect(self.metrics_addr).expect("metrics endpoint");
+        stream.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: efr\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        let _ = stream.read_to_string(&mut page);
+        let wanted = format!("efr_{name} ");
+        page.lines()
+            .find_map(|line| line.strip_prefix(&wanted))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in the metrics page:\n{page}"))
+    }
+
+    /// Waits until counter `efr_<name>` reaches `at_least`.
+    fn wait_counter(&self, name: &str, at_least: u64) {
+        eventually(&format!("efr_{name} >= {at_least}"), || {
+            self.counter(name) >= at_least
+        });
+    }
+}
+
+/// The address after `marker` in a log line, up to the next comma, slash or space.
+fn address_after(line: &str, marker: &str) -> Option<std::net::SocketAddr> {
+    let rest = line.split(marker).nth(1)?;
+    let end = rest
+        .find(|c: char| c == ',' || c == '/' || c.is_whitespace())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 fn start_binary(extra: &[&str]) -> Binary {
-    let child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
         .args(["--event-port", "0", "--client-port", "0", "--cores", "2"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -365,42 +402,31 @@ fn start_binary(extra: &[&str]) -> Binary {
         .stderr(Stdio::piped())
         .spawn()
         .expect("efr-sharded starts");
-    let mut binary = Binary {
-        child,
-        event_addr: "0.0.0.0:0".parse().unwrap(),
-        client_addr: "0.0.0.0:0".parse().unwrap(),
-    };
-    let mut stderr = BufReader::new(binary.child.stderr.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut event, mut client, mut metrics) = (None, None, None);
     let mut line = String::new();
-    loop {
+    while event.is_none() || metrics.is_none() {
         line.clear();
         assert!(
             stderr.read_line(&mut line).unwrap() > 0,
             "efr-sharded exited early"
         );
-        if let Some(rest) = line.split("events on ").nth(1) {
-            let event = rest.split(',').next().unwrap().trim().parse().unwrap();
-            let client = rest
-                .split("clients on ")
-                .nth(1)
-                .unwrap()
-                .split(',')
-                .next()
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            // Keep draining the log so the server never blocks on a full pipe.
-            std::thread::spawn(move || {
-                let mut sink = String::new();
-                while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                    sink.clear();
-                }
-            });
-            binary.event_addr = event;
-            binary.client_addr = client;
-            return binary;
+        event = event.or(address_after(&line, "events on "));
+        client = client.or(address_after(&line, "clients on "));
+        metrics = metrics.or(address_after(&line, "metrics on http://"));
+    }
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
         }
+    });
+    Binary {
+        child,
+        event_addr: event.unwrap(),
+        client_addr: client.expect("the client port is in the same log line"),
+        metrics_addr: metrics.unwrap(),
     }
 }
 
@@ -413,7 +439,7 @@ fn sigterm_mid_run_exits_zero_and_every_client_got_an_ordered_prefix() {
         .iter()
         .map(|&u| Client::connect(server.client_addr, u, "\n"))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    server.wait_counter("clients_registered", clients.len() as u64);
     let mut source = TcpStream::connect(server.event_addr).unwrap();
     let batches = harness_batches(8, workload.events.len(), 100);
     let events = workload.events.clone();
@@ -425,7 +451,8 @@ fn sigterm_mid_run_exits_zero_and_every_client_got_an_ordered_prefix() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM once the run is under way: some notifications went out.
+    server.wait_counter("bytes_written", 1);
     // SAFETY: plain kill(2) on our child.
     unsafe {
         libc::kill(server.child.id() as i32, libc::SIGTERM);
@@ -482,7 +509,7 @@ fn ten_thousand_idle_connections_are_closed_after_the_handshake_timeout() {
         .iter()
         .map(|&u| Client::connect(server.client_addr, u, "\n"))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    server.wait_counter("clients_registered", clients.len() as u64);
     let batches = harness_batches(4, workload.events.len(), 100);
     send_source(server.event_addr, &workload.events, &batches, "\n");
     check_clients(
