@@ -4,10 +4,16 @@
 use std::process::Command;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_efr-sharded");
-const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/systemd/efr-sharded.service");
+const UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/dist/systemd/efr-sharded.service"
+);
 
 fn stdout_of(args: &[&str]) -> String {
-    let output = Command::new(BINARY).args(args).output().expect("efr-sharded runs");
+    let output = Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("efr-sharded runs");
     assert!(output.status.success(), "efr-sharded {args:?}: {output:?}");
     String::from_utf8(output.stdout).expect("UTF-8 output")
 }
@@ -16,19 +22,34 @@ fn stdout_of(args: &[&str]) -> String {
 fn completions_cover_every_flag_for_every_shell() {
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let script = stdout_of(&["completions", shell]);
-        for flag in ["max-clients", "resequencer", "metrics-addr", "shutdown-timeout-ms"] {
+        for flag in [
+            "max-clients",
+            "resequencer",
+            "metrics-addr",
+            "shutdown-timeout-ms",
+        ] {
             assert!(script.contains(flag), "{shell} completion lacks --{flag}");
         }
     }
-    let refused = Command::new(BINARY).args(["completions", "tcsh"]).output().unwrap();
+    let refused = Command::new(BINARY)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
     assert!(!refused.status.success(), "an unknown shell is refused");
 }
 
 #[test]
 fn man_page_names_the_program_and_documents_the_flags() {
     let page = stdout_of(&["man"]);
-    assert!(page.contains(".TH efr-sharded 1"), "roff title: {page:.200}");
-    for flag in ["max\\-client\\-backlog", "handshake\\-timeout\\-ms", "EFR_CORES"] {
+    assert!(
+        page.contains(".TH efr-sharded 1"),
+        "roff title: {page:.200}"
+    );
+    for flag in [
+        "max\\-client\\-backlog",
+        "handshake\\-timeout\\-ms",
+        "EFR_CORES",
+    ] {
         assert!(page.contains(flag), "man page lacks {flag}");
     }
 }
