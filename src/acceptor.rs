@@ -13,10 +13,10 @@ use std::time::Instant;
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
+use crate::auth::IdRefusal;
 use crate::channel;
 use crate::listener;
 use crate::notify::Latch;
-use crate::protocol::parse_u64;
 use crate::router::Ownership;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
@@ -38,6 +38,7 @@ pub struct Acceptor {
 enum Handshake {
     Identified(u64),
     BadId,
+    Refused(IdRefusal),
     TooLong,
     TimedOut,
     Closed,
@@ -80,6 +81,18 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
         failure => {
             match failure {
                 Handshake::BadId => Counters::add(&counters.clients_bad_id, 1),
+                Handshake::Refused(refusal) => {
+                    let counter = match refusal {
+                        IdRefusal::MissingToken => &counters.clients_token_missing,
+                        IdRefusal::BadSignature => &counters.clients_token_bad_signature,
+                        IdRefusal::Expired => &counters.clients_token_expired,
+                        IdRefusal::OtherUser => &counters.clients_token_other_user,
+                        IdRefusal::MalformedToken | IdRefusal::NotAnId => {
+                            &counters.clients_token_malformed
+                        }
+                    };
+                    Counters::add(counter, 1);
+                }
                 Handshake::TooLong => {
                     Counters::add(&counters.clients_id_too_long, 1);
                     shared.faults.warn(Fault::Handshake, || {
@@ -153,13 +166,29 @@ async fn read_id(stream: &mut TcpStream, shared: &Shared) -> Handshake {
             if id.len() > max_line {
                 return Handshake::TooLong;
             }
-            return match parse_u64(id) {
-                Some(user) => Handshake::Identified(user),
-                None => {
+            return match shared.config.client_auth.identify(id) {
+                Ok(user) => Handshake::Identified(user),
+                Err(IdRefusal::NotAnId) => {
+                    // With tokens on, only the id part is shown: the token stays out of logs.
+                    let shown = match memchr::memchr(b' ', id) {
+                        Some(space) if shared.config.client_auth.requires_tokens() => &id[..space],
+                        _ => id,
+                    };
                     shared.faults.warn(Fault::Handshake, || {
-                        format!("closing a client: id is not a u64: \"{}\"", excerpt(id))
+                        format!("closing a client: id is not a u64: \"{}\"", excerpt(shown))
                     });
                     Handshake::BadId
+                }
+                Err(refusal) => {
+                    let claimed = memchr::memchr(b' ', id).map_or(id, |space| &id[..space]);
+                    shared.faults.warn(Fault::Token, || {
+                        format!(
+                            "closing a client claiming id \"{}\": {}",
+                            excerpt(claimed),
+                            refusal.describe()
+                        )
+                    });
+                    Handshake::Refused(refusal)
                 }
             };
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::auth::{Cidr, ClientAuth, JwtVerifier};
 use crate::resequencer::ResequencerKind;
 
 /// Default TCP port of the event source.
@@ -123,6 +124,28 @@ pub struct Args {
     /// (e.g. 127.0.0.1:9100; off when absent).
     #[arg(long, env = "EFR_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// File holding the HS256 secret that signs client tokens (at least 32 bytes; a trailing
+    /// line end is not part of it). With it, a client's id line is `ID TOKEN`: a JWT whose
+    /// `sub` is the id and whose `exp` is in the future. Off when absent.
+    #[arg(
+        long,
+        env = "EFR_CLIENT_JWT_KEY",
+        conflicts_with = "client_jwt_public_key"
+    )]
+    pub client_jwt_key: Option<std::path::PathBuf>,
+    /// PEM file with the RSA (RS256) or P-256 EC (ES256) public key that verifies client
+    /// tokens; the id line is then `ID TOKEN` as with --client-jwt-key. Off when absent.
+    #[arg(long, env = "EFR_CLIENT_JWT_PUBLIC_KEY")]
+    pub client_jwt_public_key: Option<std::path::PathBuf>,
+    /// Networks an event source may connect from, comma-separated (`10.0.0.0/8,::1`); a
+    /// source from elsewhere is closed at once. Any address when absent.
+    #[arg(long, env = "EFR_SOURCE_ALLOW", value_delimiter = ',')]
+    pub source_allow: Vec<Cidr>,
+    /// Close an event source that sends nothing for this many milliseconds, ending its
+    /// session as a close does, so an idle connection cannot hold the one source slot. Off
+    /// when absent (the original protocol allows an idle source).
+    #[arg(long, env = "EFR_SOURCE_IDLE_TIMEOUT_MS")]
+    pub source_idle_timeout_ms: Option<u64>,
 }
 
 /// Why a configuration was refused.
@@ -172,6 +195,12 @@ pub struct Config {
     pub stats_interval: Option<Duration>,
     /// Address of the Prometheus metrics endpoint, if any (port 0: ephemeral).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How clients identify: a bare id, or an id and a token.
+    pub client_auth: ClientAuth,
+    /// Networks event sources may connect from (any when empty).
+    pub source_allow: Vec<Cidr>,
+    /// An event source silent for this long is closed, if set.
+    pub source_idle_timeout: Option<Duration>,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
 }
@@ -245,6 +274,20 @@ impl Args {
         if self.gap_timeout_ms == Some(0) {
             return Err(ConfigError("--gap-timeout-ms must be positive".into()));
         }
+        if self.source_idle_timeout_ms == Some(0) {
+            return Err(ConfigError(
+                "--source-idle-timeout-ms must be positive".into(),
+            ));
+        }
+        let client_auth = match (&self.client_jwt_key, &self.client_jwt_public_key) {
+            (Some(secret), _) => JwtVerifier::hmac_file(secret)
+                .map_err(|error| ConfigError(format!("--client-jwt-key: {error}")))?
+                .into(),
+            (None, Some(public)) => JwtVerifier::public_key_file(public)
+                .map_err(|error| ConfigError(format!("--client-jwt-public-key: {error}")))?
+                .into(),
+            (None, None) => ClientAuth::Open,
+        };
         if self.stats_interval == Some(0) {
             return Err(ConfigError("--stats-interval must be positive".into()));
         }
@@ -265,6 +308,9 @@ impl Args {
             io_memory: self.io_memory_kib * 1024,
             stats_interval: self.stats_interval.map(Duration::from_secs),
             metrics_addr: self.metrics_addr,
+            client_auth,
+            source_allow: self.source_allow,
+            source_idle_timeout: self.source_idle_timeout_ms.map(Duration::from_millis),
             shutdown: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod acceptor;
+pub mod auth;
 pub mod batch;
 pub mod channel;
 pub mod client;

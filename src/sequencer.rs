@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 
 use glommio::net::TcpStream;
 
+use crate::auth::source_allowed;
 use crate::batch::{BatchPool, OrderedBatch};
 use crate::channel;
 use crate::line::{Line, LineSplitter};
@@ -98,6 +99,20 @@ pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
         let Some(stream) = listener::next_connection(&accepted, &sequencer.stop).await else {
             break;
         };
+        let allowed = &sequencer.shared.config.source_allow;
+        if !allowed.is_empty() {
+            let peer = stream.peer_addr().map(|addr| addr.ip()).ok();
+            if !peer.is_some_and(|ip| source_allowed(allowed, ip)) {
+                Counters::add(&sequencer.shared.counters.sources_refused_address, 1);
+                sequencer.shared.faults.warn(Fault::SourceAddress, || {
+                    let from =
+                        peer.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
+                    format!("refusing an event source from {from}: outside --source-allow")
+                });
+                drop(stream);
+                continue;
+            }
+        }
         if sequencer.session_active.get() {
             Counters::add(&sequencer.shared.counters.sources_refused, 1);
             sequencer.shared.faults.warn(Fault::Refused, || {
@@ -116,6 +131,8 @@ enum ReadOutcome {
     Data(usize),
     Closed,
     GapTimeout,
+    /// Nothing arrived for `--source-idle-timeout-ms`.
+    Idle,
     Stopped,
 }
 
@@ -177,6 +194,16 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
                 stalled_since = None;
             }
             ReadOutcome::Closed => break,
+            ReadOutcome::Idle => {
+                Counters::add(&counters.sources_idle_closed, 1);
+                shared.faults.warn(Fault::SourceIdle, || {
+                    format!(
+                        "closing the event source: nothing received for {} ms (--source-idle-timeout-ms)",
+                        config.source_idle_timeout.unwrap_or_default().as_millis()
+                    )
+                });
+                break;
+            }
             ReadOutcome::Stopped => {
                 stopped = true;
                 break;
@@ -233,13 +260,26 @@ async fn read_some(
     gap_wait: Option<Duration>,
 ) -> ReadOutcome {
     let room = splitter.spare();
+    let idle_timeout = sequencer.shared.config.source_idle_timeout;
     let read = async {
-        match stream.read(room).await {
-            Ok(0) => ReadOutcome::Closed,
-            Ok(n) => ReadOutcome::Data(n),
-            Err(error) => {
-                tracing::warn!("event source read failed: {error}");
-                ReadOutcome::Closed
+        let read = async {
+            match stream.read(room).await {
+                Ok(0) => ReadOutcome::Closed,
+                Ok(n) => ReadOutcome::Data(n),
+                Err(error) => {
+                    tracing::warn!("event source read failed: {error}");
+                    ReadOutcome::Closed
+                }
+            }
+        };
+        match idle_timeout {
+            None => read.await,
+            Some(idle) => {
+                let idle = async {
+                    glommio::timer::sleep(idle).await;
+                    ReadOutcome::Idle
+                };
+                futures_lite::future::or(read, idle).await
             }
         }
     };

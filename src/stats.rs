@@ -32,6 +32,8 @@ macro_rules! counters {
 counters! {
     sessions: "counter", "Event source sessions started.";
     sources_refused: "counter", "Event source connections refused because a source was already connected.";
+    sources_refused_address: "counter", "Event source connections refused because their address is outside --source-allow.";
+    sources_idle_closed: "counter", "Event sources closed after sending nothing for --source-idle-timeout-ms.";
     events_received: "counter", "Event lines received (any content).";
     events_delivered: "counter", "Events released in order to the shards (malformed no-ops included).";
     events_malformed: "counter", "Lines whose seq parsed but whose rest did not; their seq was consumed as a no-op.";
@@ -55,6 +57,11 @@ counters! {
     clients_bad_id: "counter", "Clients whose id line was not a u64.";
     clients_id_too_long: "counter", "Clients whose id line was longer than the line limit.";
     clients_handshake_timeout: "counter", "Clients that sent no id within the handshake timeout.";
+    clients_token_missing: "counter", "Clients refused: client tokens are on and the id line held none.";
+    clients_token_malformed: "counter", "Clients refused: a token that is not a well-formed JWT with sub and exp.";
+    clients_token_bad_signature: "counter", "Clients refused: a token whose signature does not verify.";
+    clients_token_expired: "counter", "Clients refused: a token whose exp has passed.";
+    clients_token_other_user: "counter", "Clients refused: a valid token of another user.";
     clients_closed_by_peer: "counter", "Clients that closed (or reset) their connection.";
     clients_closed_backlog: "counter", "Clients closed because their unsent output passed --max-client-backlog.";
     clients_closed_write_error: "counter", "Clients closed after a write error.";
@@ -117,9 +124,15 @@ pub enum Fault {
     Refused,
     /// A client write error.
     WriteError,
+    /// A client token refused.
+    Token,
+    /// An event source from outside `--source-allow`.
+    SourceAddress,
+    /// An event source closed for idling.
+    SourceIdle,
 }
 
-const FAULT_KINDS: usize = 12;
+const FAULT_KINDS: usize = 15;
 
 /// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
 #[derive(Debug)]
