@@ -21,6 +21,7 @@ use crate::router::Ownership;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
 use crate::stats::{excerpt, Counters, Fault};
+use crate::tls::{self, PeerStream};
 
 /// What the acceptor needs: the shared state, where to send each shard's clients, the stop
 /// signal.
@@ -70,11 +71,26 @@ pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
 }
 
 /// Reads the id line and hands the connection to its owner shard.
-async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<Ownership>) {
+async fn identify(stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<Ownership>) {
     let shared = &acceptor.shared;
     let counters = &shared.counters;
+    let deadline = Instant::now() + shared.config.handshake_timeout;
 
-    let outcome = read_id(&mut stream, shared).await;
+    let mut stream = match &shared.config.tls {
+        None => PeerStream::Plain(stream),
+        Some(tls) => match tls::accept_within(stream, tls.for_clients(), deadline).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                Counters::add(&counters.clients_tls_failed, 1);
+                shared.faults.warn(Fault::Tls, || {
+                    format!("closing a client: TLS handshake failed: {error}")
+                });
+                Counters::sub(&counters.clients_open, 1);
+                return;
+            }
+        },
+    };
+    let outcome = read_id(&mut stream, shared, deadline).await;
 
     let user = match outcome {
         Handshake::Identified(user) => user,
@@ -117,10 +133,11 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
             return;
         }
     };
-    // SAFETY: dup of a descriptor we own; the copy goes to the owner shard, the original is
-    // closed when `stream` drops here.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    drop(stream);
+    // SAFETY: dup of a descriptor we own; the copy goes to the owner shard (with the TLS
+    // session, if any), the original is closed when `socket` drops here.
+    let (socket, tls) = stream.into_parts();
+    let fd = unsafe { libc::dup(socket.as_raw_fd()) };
+    drop(socket);
     if fd < 0 {
         tracing::warn!(
             "cannot hand over client of user {user}: {}",
@@ -132,14 +149,18 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if !channel::send(&acceptor.shards[owner], ShardCommand::Register { user, fd }).await {
+    if !channel::send(
+        &acceptor.shards[owner],
+        ShardCommand::Register { user, fd, tls },
+    )
+    .await
+    {
         Counters::sub(&counters.clients_open, 1);
     }
 }
 
-async fn read_id(stream: &mut TcpStream, shared: &Shared) -> Handshake {
+async fn read_id(stream: &mut PeerStream, shared: &Shared, deadline: Instant) -> Handshake {
     let max_line = shared.config.max_line;
-    let deadline = Instant::now() + shared.config.handshake_timeout;
     let mut line = vec![0u8; max_line + 2];
     let mut filled = 0;
     loop {
@@ -147,7 +168,7 @@ async fn read_id(stream: &mut TcpStream, shared: &Shared) -> Handshake {
         if remaining.is_zero() {
             return Handshake::TimedOut;
         }
-        let _ = stream.set_read_timeout(Some(remaining));
+        let _ = stream.socket().set_read_timeout(Some(remaining));
         let n = match stream.read(&mut line[filled..]).await {
             Ok(0) => return Handshake::Closed,
             Ok(n) => n,

@@ -12,12 +12,12 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::notify::Notify;
 use crate::router::{ClientId, IDLE_BUFFER_KEEP};
 use crate::shard::ShardState;
 use crate::stats::{Counters, Fault};
+use crate::tls::PeerStream;
 
 /// Bytes read (and discarded) at a time from a client.
 const DISCARD_BUFFER: usize = 512;
@@ -88,7 +88,7 @@ pub async fn serve(
     state: Rc<ShardState>,
     client: ClientId,
     io: Rc<ClientIo>,
-    mut stream: TcpStream,
+    mut stream: PeerStream,
 ) {
     let counters = &state.shared.counters;
     let mut buffer: Vec<u8> = Vec::new();

@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::auth::{Cidr, ClientAuth, JwtVerifier};
 use crate::resequencer::ResequencerKind;
+use crate::tls::{TlsConfigs, TlsPaths};
 
 /// Default TCP port of the event source.
 pub const DEFAULT_EVENT_PORT: u16 = 9090;
@@ -146,6 +147,17 @@ pub struct Args {
     /// when absent (the original protocol allows an idle source).
     #[arg(long, env = "EFR_SOURCE_IDLE_TIMEOUT_MS")]
     pub source_idle_timeout_ms: Option<u64>,
+    /// PEM certificate chain: with --tls-key, both ports speak TLS only (the handshake counts
+    /// against --handshake-timeout-ms). SIGHUP re-reads the files. Off when absent.
+    #[arg(long, env = "EFR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EFR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates: the event source must present a client certificate signed by one
+    /// of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "EFR_SOURCE_CLIENT_CA", requires = "tls_cert")]
+    pub source_client_ca: Option<std::path::PathBuf>,
 }
 
 /// Why a configuration was refused.
@@ -201,6 +213,8 @@ pub struct Config {
     pub source_allow: Vec<Cidr>,
     /// An event source silent for this long is closed, if set.
     pub source_idle_timeout: Option<Duration>,
+    /// TLS on both ports, if on.
+    pub tls: Option<Arc<TlsConfigs>>,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
 }
@@ -288,6 +302,17 @@ impl Args {
                 .into(),
             (None, None) => ClientAuth::Open,
         };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                TlsConfigs::load(TlsPaths {
+                    cert,
+                    key,
+                    source_client_ca: self.source_client_ca,
+                })
+                .map_err(|error| ConfigError(format!("TLS: {error}")))?,
+            )),
+            _ => None,
+        };
         if self.stats_interval == Some(0) {
             return Err(ConfigError("--stats-interval must be positive".into()));
         }
@@ -311,6 +336,7 @@ impl Args {
             client_auth,
             source_allow: self.source_allow,
             source_idle_timeout: self.source_idle_timeout_ms.map(Duration::from_millis),
+            tls,
             shutdown: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -28,3 +28,4 @@ pub mod sequencer;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod tls;

@@ -27,6 +27,7 @@ use crate::resequencer::{Admission, Resequencer};
 use crate::server::Shared;
 use crate::shard::{reactor_pass, ShardCommand};
 use crate::stats::{excerpt, Counters, Fault};
+use crate::tls::{self, PeerStream};
 
 /// Events a new batch has room for before it grows (a 64 KiB read holds about 4,000).
 const BATCH_CAPACITY_HINT: usize = 4096;
@@ -122,7 +123,35 @@ pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
             continue;
         }
         sequencer.session_active.set(true);
-        glommio::spawn_local(session(stream, sequencer.clone())).detach();
+        let sequencer = sequencer.clone();
+        glommio::spawn_local(async move {
+            if let Some(stream) = secure(stream, &sequencer).await {
+                session(stream, sequencer).await;
+            } else {
+                sequencer.session_active.set(false);
+            }
+        })
+        .detach();
+    }
+}
+
+/// The source's connection after its TLS handshake (if the event port speaks TLS), or `None`
+/// when the handshake failed or did not finish within the handshake timeout.
+async fn secure(stream: TcpStream, sequencer: &Sequencer) -> Option<PeerStream> {
+    let shared = &sequencer.shared;
+    let Some(tls) = &shared.config.tls else {
+        return Some(PeerStream::Plain(stream));
+    };
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    match tls::accept_within(stream, tls.for_sources(), deadline).await {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            Counters::add(&shared.counters.sources_tls_failed, 1);
+            shared.faults.warn(Fault::Tls, || {
+                format!("refusing an event source: TLS handshake failed: {error}")
+            });
+            None
+        }
     }
 }
 
@@ -137,7 +166,7 @@ enum ReadOutcome {
 }
 
 /// One event source session, from connect to close.
-async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
+async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
     let shared = sequencer.shared.clone();
     let config = &shared.config;
     let counters = &shared.counters;
@@ -254,7 +283,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
 }
 
 async fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     splitter: &mut LineSplitter,
     sequencer: &Sequencer,
     gap_wait: Option<Duration>,

@@ -20,6 +20,7 @@ use crate::notify::Notify;
 use crate::router::{ClientId, Router};
 use crate::server::Shared;
 use crate::stats::{Counters, Fault};
+use crate::tls::PeerStream;
 
 /// What the sequencer and the acceptor send a shard, in the order it must act on them.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub enum ShardCommand {
         user: u64,
         /// The connection, handed over from the executor that accepted it.
         fd: OwnedFd,
+        /// Its TLS session, when the client port speaks TLS.
+        tls: Option<Box<rustls::ServerConnection>>,
     },
     /// The event source closed: write out every client's pending output, close every
     /// client, forget the follow graph.
@@ -108,7 +111,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
                     state.router.borrow_mut().apply(&batch);
                     Counters::add(&state.shared.counters.batches_applied, 1);
                 }
-                ShardCommand::Register { user, fd } => register(&state, user, fd),
+                ShardCommand::Register { user, fd, tls } => register(&state, user, fd, tls),
                 ShardCommand::EndSession => {
                     close_all(&state, CloseMode::SessionEnd);
                     state.router.borrow_mut().reset_graph();
@@ -159,11 +162,17 @@ fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &
     }
 }
 
-fn register(state: &Rc<ShardState>, user: u64, fd: OwnedFd) {
+fn register(
+    state: &Rc<ShardState>,
+    user: u64,
+    fd: OwnedFd,
+    tls: Option<Box<rustls::ServerConnection>>,
+) {
     let raw = fd.into_raw_fd();
     // SAFETY: `raw` is a connected TCP socket whose ownership was handed to us.
-    let stream = unsafe { TcpStream::from_raw_fd(raw) };
-    let _ = stream.set_nodelay(true);
+    let socket = unsafe { TcpStream::from_raw_fd(raw) };
+    let _ = socket.set_nodelay(true);
+    let stream = PeerStream::from_parts(socket, tls);
     let client = state.router.borrow_mut().register(user);
     let io = Rc::new(ClientIo::new(stream.as_raw_fd()));
     {

@@ -33,6 +33,7 @@ counters! {
     sessions: "counter", "Event source sessions started.";
     sources_refused: "counter", "Event source connections refused because a source was already connected.";
     sources_refused_address: "counter", "Event source connections refused because their address is outside --source-allow.";
+    sources_tls_failed: "counter", "Event sources whose TLS handshake failed (no or a wrong client certificate, not TLS) or timed out.";
     sources_idle_closed: "counter", "Event sources closed after sending nothing for --source-idle-timeout-ms.";
     events_received: "counter", "Event lines received (any content).";
     events_delivered: "counter", "Events released in order to the shards (malformed no-ops included).";
@@ -57,6 +58,7 @@ counters! {
     clients_bad_id: "counter", "Clients whose id line was not a u64.";
     clients_id_too_long: "counter", "Clients whose id line was longer than the line limit.";
     clients_handshake_timeout: "counter", "Clients that sent no id within the handshake timeout.";
+    clients_tls_failed: "counter", "Clients whose TLS handshake failed or did not finish within the handshake timeout.";
     clients_token_missing: "counter", "Clients refused: client tokens are on and the id line held none.";
     clients_token_malformed: "counter", "Clients refused: a token that is not a well-formed JWT with sub and exp.";
     clients_token_bad_signature: "counter", "Clients refused: a token whose signature does not verify.";
@@ -130,9 +132,11 @@ pub enum Fault {
     SourceAddress,
     /// An event source closed for idling.
     SourceIdle,
+    /// A failed TLS handshake.
+    Tls,
 }
 
-const FAULT_KINDS: usize = 15;
+const FAULT_KINDS: usize = 16;
 
 /// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
 #[derive(Debug)]

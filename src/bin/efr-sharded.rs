@@ -69,6 +69,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(tls) = &config.tls {
+        if let Err(error) = efr::tls::reload_on_sighup(tls.clone()) {
+            eprintln!("efr-sharded: cannot handle SIGHUP for certificate reloads: {error}");
+            return ExitCode::from(2);
+        }
+    }
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(error) = signal_hook::flag::register(signal, config.shutdown.clone()) {
             eprintln!("efr-sharded: cannot handle signal {signal}: {error}");
