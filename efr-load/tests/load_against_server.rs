@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use efr::config::Config;
-use efr::load::LoadConfig;
 use efr::server::RunningServer;
+use efr_load::LoadConfig;
 
 const ARRIVAL_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/harness-arrival-order-100k.txt"
+    "/../tests/data/harness-arrival-order-100k.txt"
 );
 
 fn load_config(server: &RunningServer, workload: &[&str]) -> LoadConfig {
@@ -33,9 +33,9 @@ fn load_config(server: &RunningServer, workload: &[&str]) -> LoadConfig {
     LoadConfig::try_parse_from(args).expect("valid flags")
 }
 
-fn run_against(cores: usize, workload: &[&str]) -> (efr::load::Report, RunningServer) {
+fn run_against(cores: usize, workload: &[&str]) -> (efr_load::Report, RunningServer) {
     let server = efr::server::start(Config::ephemeral(cores)).expect("server starts");
-    let report = efr::load::run(&load_config(&server, workload)).expect("efr-load runs");
+    let report = efr_load::run(&load_config(&server, workload)).expect("efr-load runs");
     assert!(report.pass, "{}", report.summary());
     assert!(report.notifications > 0);
     (report, server)

@@ -5,7 +5,7 @@
 //! deliverable, in seq order (`model`), i.e. the events that complete the contiguous prefix of
 //! written seqs. The client readers apply `model` to their follow graph; nothing here touches a
 //! socket, so the expected streams can be computed without one (see
-//! [`crate::load::model::expected_streams`]).
+//! [`crate::model::expected_streams`]).
 //!
 //! - `harness`: the original Follower Maze harness model (F, U, P 15% each, B 0.01%, S the
 //!   rest; from/to uniform; contiguous batches of uniform size 1..=max, each shuffled).

@@ -8,12 +8,12 @@ use std::process::Command;
 use load_support::refserver::{self, Fault};
 use load_support::{args, config};
 
-fn run_faulty(fault: Fault, extra: &[&str]) -> (efr::load::Report, refserver::FaultLog) {
+fn run_faulty(fault: Fault, extra: &[&str]) -> (efr_load::Report, refserver::FaultLog) {
     let server = refserver::start(fault);
     let mut a = vec!["--timeout", "600", "--drain-ms", "200"];
     a.extend_from_slice(extra);
     a.extend_from_slice(&["harness", "--total-events", "5000"]);
-    let report = efr::load::run(&config(&server, &a)).unwrap();
+    let report = efr_load::run(&config(&server, &a)).unwrap();
     let log = server.log.lock().unwrap().clone();
     (report, log)
 }

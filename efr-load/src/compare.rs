@@ -4,7 +4,7 @@
 //! For each workload and each server: pick two free ports (bind port 0, then release them),
 //! start `sh -c CMD` with `{event_port}` and `{client_port}` substituted, in its own process
 //! group, wait until both ports listen (read from /proc/net/tcp, so no probe connection is
-//! mistaken for an event source), run the workload `--runs` times with [`crate::load::run`],
+//! mistaken for an event source), run the workload `--runs` times with [`crate::run`],
 //! then stop the group (SIGTERM, SIGKILL after `--stop-timeout-ms`). A sampler thread polls
 //! the group's processes for their peak RSS (VmHWM). The ceiling ([`super::ceiling`]) runs
 //! in-process, first for every workload, and every row is shown as a ratio to it.

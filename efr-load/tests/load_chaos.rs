@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use efr::config::Config;
-use efr::load::chaos::FaultsInjected;
-use efr::load::{LoadConfig, Report};
 use efr::server::RunningServer;
+use efr_load::chaos::FaultsInjected;
+use efr_load::{LoadConfig, Report};
 
 /// Longest wait for the server's counters to settle after a run.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -102,7 +102,7 @@ fn harness_with_chaos_passes_and_the_server_counts_every_injected_line() {
             "50",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_eq!(report.events, 40_000);
     assert!(
@@ -152,7 +152,7 @@ fn chaos_with_crlf_and_ids_above_the_workload_passes() {
             "20",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_server_counted(&server, &report, 20_000);
     server.stop_and_wait().unwrap();
@@ -178,7 +178,7 @@ fn chaos_with_a_fanout_workload_passes() {
             "4000",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_server_counted(&server, &report, 200 * 5 + 4000);
     server.stop_and_wait().unwrap();
@@ -206,7 +206,7 @@ fn chaos_faults_are_in_the_json_report_and_absent_without_chaos() {
             "10",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert!(report.pass, "{}", report.summary());
     assert!(report.summary().contains("Faults injected"));
     let doc: serde_json::Value =
@@ -216,7 +216,7 @@ fn chaos_faults_are_in_the_json_report_and_absent_without_chaos() {
     assert_eq!(f["empty_lines"].as_u64(), Some(faults(&report).empty_lines));
     assert!(f["client_connects"].as_u64().unwrap() > 0);
 
-    let plain = efr::load::run(&config(
+    let plain = efr_load::run(&config(
         &server,
         &["harness", "--total-events", "2000", "--concurrency", "10"],
     ))

@@ -699,7 +699,7 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::workload::{Harness, HarnessParams};
+    use crate::workload::{Harness, HarnessParams};
 
     fn harness(total: u64) -> Box<dyn Workload> {
         Box::new(

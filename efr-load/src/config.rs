@@ -157,7 +157,7 @@ pub struct LoadConfig {
     /// Progress display on stderr.
     #[arg(long, global = true, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
-    /// `--chaos` and its settings (src/load/chaos.rs).
+    /// `--chaos` and its settings (src/chaos.rs).
     #[command(flatten)]
     pub chaos: super::chaos::ChaosArgs,
     /// The workload (default: harness with its defaults and environment variables).

@@ -8,19 +8,28 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use efr::load::ceiling::{CeilingSettings, NullServer};
-use efr::load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
-use efr::load::model::expected_streams;
-use efr::load::workload::LineEnding;
+use efr_load::ceiling::{CeilingSettings, NullServer};
+use efr_load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
+use efr_load::model::expected_streams;
+use efr_load::workload::LineEnding;
 
 /// Longest any single test may take (they are far faster; this only bounds a hang).
 const TEST_BOUND: Duration = Duration::from_secs(30);
 
+mod load_support;
+use load_support::efr_stand_in;
+
+/// Not a test of its own: the efr-sharded process that the tests here start through compare.
+#[test]
+#[ignore = "started by the compare tests as a server process"]
+fn efr_sharded_stand_in() {
+    efr_stand_in::serve_if_asked();
+}
+
 fn sharded_cmd(cores: u32) -> String {
-    format!(
-        "sharded=exec {} --cores {cores} --event-port {{event_port}} --client-port {{client_port}}",
-        env!("CARGO_BIN_EXE_efr-sharded")
-    )
+    let flags =
+        format!("--cores {cores} --event-port {{event_port}} --client-port {{client_port}}");
+    format!("sharded={}", efr_stand_in::command(&flags))
 }
 
 /// Flags with `--runs 1` unless `extra` sets it.
@@ -174,7 +183,7 @@ fn ceiling_serves_several_runs_with_a_small_lookahead() {
     .unwrap();
     for run in 1..=2u64 {
         null.wait_prepared(run, TEST_BOUND).unwrap();
-        let mut cfg = efr::load::LoadConfig::parse_from([
+        let mut cfg = efr_load::LoadConfig::parse_from([
             "efr-load",
             "--progress",
             "off",
@@ -184,7 +193,7 @@ fn ceiling_serves_several_runs_with_a_small_lookahead() {
         ]);
         cfg.event_port = null.event_port();
         cfg.client_port = null.client_port();
-        let report = efr::load::run(&cfg).unwrap();
+        let report = efr_load::run(&cfg).unwrap();
         assert!(report.pass, "{}", report.summary());
         assert_eq!(report.bytes_received, expected);
     }
