@@ -3,6 +3,7 @@
 //! source stream, every verified client still gets exactly its notifications, and the
 //! server's counters show exactly the lines efr-load says it injected.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,26 +14,43 @@ use efr_load::chaos::FaultsInjected;
 use efr_load::{LoadConfig, Report};
 
 /// Longest wait for the server's counters to settle after a run.
-const SETTLE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(30);
+/// How often the counters are read while waiting.
+const COUNTER_POLL: Duration = Duration::from_millis(2);
 
 fn start() -> RunningServer {
-    efr::server::start(Config::ephemeral(2)).expect("server starts")
+    let mut config = Config::ephemeral(2);
+    config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    efr::server::start(config).expect("server starts")
 }
 
+/// efr-load flags for `server`; each run waits for the server's registration counter.
 fn config(server: &RunningServer, args: &[&str]) -> LoadConfig {
     let event = server.event_addr.port().to_string();
     let client = server.client_addr.port().to_string();
+    let metrics = server.metrics_addr.expect("metrics endpoint").to_string();
     let mut all = vec![
         "efr-load",
         "--event-port",
         &event,
         "--client-port",
         &client,
+        "--metrics-url",
+        &metrics,
         "--progress",
         "off",
     ];
     all.extend_from_slice(args);
     LoadConfig::try_parse_from(all).expect("valid flags")
+}
+
+/// Waits until `done()`, failing the test (naming `what`) after [`SETTLE`].
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {SETTLE:?} for: {what}");
+        std::thread::sleep(COUNTER_POLL);
+    }
 }
 
 fn faults(report: &Report) -> &FaultsInjected {
@@ -60,10 +78,15 @@ fn assert_server_counted(server: &RunningServer, report: &Report, workload_event
     let c = server.counters();
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let f = faults(report);
-    let deadline = Instant::now() + SETTLE;
-    while get(&c.events_delivered) < workload_events && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // The session is over once every event was delivered and the verified clients were
+    // closed at its end: every line of the source has been counted by then.
+    wait_until(
+        &format!("the server delivered {workload_events} events and ended the session"),
+        || {
+            get(&c.events_delivered) >= workload_events
+                && get(&c.clients_closed_session_end) >= report.clients
+        },
+    );
     let summary = c.summary();
     assert_eq!(
         get(&c.lines_unparseable),

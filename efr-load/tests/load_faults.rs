@@ -133,17 +133,41 @@ fn binary_exits_0_on_a_correct_server_and_2_when_nothing_listens() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting"));
 }
 
-#[test]
-fn help_documents_every_workload_and_flag() {
+/// Runs the efr-load binary with `args`; returns (exit status, stdout, stderr).
+fn efr_load(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_efr-load"))
-        .arg("--help")
+        .args(args)
+        .env_remove("timeout")
+        .env_remove("concurrencyLevel")
         .output()
         .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_documents_every_workload_and_flag() {
+    let (code, help, _) = efr_load(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        help.starts_with("Load generator and verifier for Follower Maze servers"),
+        "{help}"
+    );
+    // Options every workload shares are apart from the commands and their own flags.
+    assert!(help.contains("Run options (every workload):"), "{help}");
     for w in [
         "harness",
         "fanout",
         "replay",
+        "ping",
+        "compare",
+        "null-server",
+        "--metrics-url",
+        "--client-ports",
+        "EFR_LOAD_METRICS_URL",
         "--rate",
         "--timeout",
         "--json",
@@ -152,11 +176,7 @@ fn help_documents_every_workload_and_flag() {
     ] {
         assert!(help.contains(w), "{w} missing from\n{help}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_efr-load"))
-        .args(["harness", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    let (_, help, _) = efr_load(&["harness", "--help"]);
     for w in [
         "totalEvents",
         "concurrencyLevel",
@@ -166,4 +186,138 @@ fn help_documents_every_workload_and_flag() {
     ] {
         assert!(help.contains(w), "{w} missing from\n{help}");
     }
+}
+
+#[test]
+fn compare_and_null_server_are_subcommands_with_their_own_help() {
+    for args in [&["help", "compare"][..], &["compare", "--help"]] {
+        let (code, help, stderr) = efr_load(args);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(help.contains("Usage: efr-load compare"), "{help}");
+        for flag in [
+            "--default",
+            "--force",
+            "--expect-fail",
+            "--peers-dir",
+            "--workloads",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from\n{help}");
+        }
+    }
+    let (code, help, _) = efr_load(&["help", "null-server"]);
+    assert_eq!(code, Some(0));
+    assert!(help.contains("--listen-event-port"), "{help}");
+    // A run option means nothing to compare: refused, not ignored.
+    let (code, _, stderr) = efr_load(&["compare", "--event-port", "1", "--workloads", "ping:1"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("--event-port") && stderr.contains("compare"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn zero_concurrency_is_explained() {
+    let (code, _, stderr) = efr_load(&["harness", "--concurrency", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("--concurrency is 0") && stderr.contains("at least 1 client connection"),
+        "{stderr}"
+    );
+}
+
+/// A progress bar cannot be drawn into a pipe or a file: progress comes as plain lines.
+#[test]
+fn progress_bar_into_a_pipe_prints_plain_lines() {
+    let server = refserver::start(Fault::None);
+    let (event, client) = (
+        server.event_port.to_string(),
+        server.client_port.to_string(),
+    );
+    let (code, stdout, stderr) = efr_load(&[
+        "--event-port",
+        &event,
+        "--client-port",
+        &client,
+        "--progress",
+        "bar",
+        "harness",
+        "--total-events",
+        "2000",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("not a terminal"), "{stderr}");
+    assert!(stderr.contains("events 2000/2000"), "{stderr}");
+}
+
+/// `--client-ports`: client i connects to the (i mod n)-th port.
+#[test]
+fn client_ports_deal_the_clients_round_robin() {
+    let server = refserver::start(Fault::None);
+    let (second, second_accepted) = server.add_client_port();
+    let ports = format!("{},{second}", server.client_port);
+    let a = args(&server, &[]);
+    // Drop `--client-port P` from the common flags: --client-ports replaces it.
+    let at = a.iter().position(|s| s == "--client-port").unwrap();
+    let mut a: Vec<&str> = a.iter().map(String::as_str).collect();
+    a.drain(at..at + 2);
+    a.extend([
+        "--client-ports",
+        &ports,
+        "harness",
+        "--total-events",
+        "3000",
+    ]);
+    a.extend(["--concurrency", "7"]);
+    let cfg = <efr_load::LoadConfig as clap::Parser>::try_parse_from(&a).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
+    assert!(report.pass, "{}", report.summary());
+    let first = server.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let second = second_accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((first, second), (4, 3));
+    assert!(report.server.ends_with(&ports), "{}", report.server);
+}
+
+/// A metrics endpoint whose registration counter never moves: the run is refused after
+/// `--register-timeout-ms`, naming how many clients were registered, instead of streaming
+/// events to clients the server may not know.
+#[test]
+fn a_server_that_never_registers_the_clients_is_reported() {
+    let server = refserver::start(Fault::None);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = metrics.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in metrics.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head);
+            let body = "# TYPE efr_clients_registered counter\nefr_clients_registered 5\n";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let a = args(
+        &server,
+        &[
+            "--metrics-url",
+            &metrics_addr,
+            "--register-timeout-ms",
+            "300",
+            "harness",
+            "--total-events",
+            "100",
+            "--concurrency",
+            "4",
+        ],
+    );
+    let cfg = <efr_load::LoadConfig as clap::Parser>::try_parse_from(&a).unwrap();
+    let err = format!("{:#}", efr_load::run(&cfg).unwrap_err());
+    assert!(
+        err.contains("registered 0 of the 4 clients") && err.contains("efr_clients_registered"),
+        "{err}"
+    );
 }
