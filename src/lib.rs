@@ -5,8 +5,8 @@
 //! every [`shard`] over a bounded channel. Each shard's [`router`] applies the batch to its slice
 //! of the follow graph and appends notifications to its clients' output, which the [`client`]
 //! tasks write out. The [`acceptor`] hands each identified client to the shard that owns it.
-//! [`server::run`] starts it all; [`config`] holds every limit. [`load`] is efr-load, the
-//! load generator and verifier, which shares no code with the server.
+//! [`server::run`] starts it all; [`config`] holds every limit. efr-load, the load generator
+//! and verifier, is the crate in efr-load/ and shares no code with the server.
 #![warn(missing_docs)]
 
 pub mod acceptor;
@@ -17,8 +17,6 @@ pub mod client;
 pub mod config;
 pub mod line;
 pub mod listener;
-/// efr-load: the load generator and verifier (independent of the server's code).
-pub mod load;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

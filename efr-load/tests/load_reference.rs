@@ -3,12 +3,12 @@
 
 mod load_support;
 
-use efr::load::model::expected_streams;
-use efr::load::workload::LineEnding;
+use efr_load::model::expected_streams;
+use efr_load::workload::LineEnding;
 use load_support::refserver::{self, Fault};
 use load_support::{config, ARRIVAL_FILE};
 
-fn expected_total(cfg: &efr::load::LoadConfig) -> u64 {
+fn expected_total(cfg: &efr_load::LoadConfig) -> u64 {
     let mut w = cfg.workload_cmd().build(LineEnding::Lf).unwrap();
     expected_streams(w.as_mut())
         .unwrap()
@@ -17,7 +17,7 @@ fn expected_total(cfg: &efr::load::LoadConfig) -> u64 {
         .sum()
 }
 
-fn assert_pass(report: &efr::load::Report) {
+fn assert_pass(report: &efr_load::Report) {
     assert!(report.pass, "{}", report.summary());
     assert!(report.errors.is_empty());
     assert!(report.notifications > 0);
@@ -27,7 +27,7 @@ fn assert_pass(report: &efr::load::Report) {
 fn harness_20k_events_lf_passes() {
     let server = refserver::start(Fault::None);
     let cfg = config(&server, &["harness", "--total-events", "20000"]);
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     assert_eq!(report.events, 20_000);
     assert_eq!(report.clients, 100);
@@ -52,7 +52,7 @@ fn harness_crlf_two_readers_passes() {
             "40",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     assert_eq!(report.reader_threads, 2);
     assert_eq!(report.notifications, expected_total(&cfg));
@@ -66,7 +66,7 @@ fn two_runs_in_a_row_on_one_server() {
             &server,
             &["harness", "--total-events", "3000", "--seed", seed],
         );
-        assert_pass(&efr::load::run(&cfg).unwrap());
+        assert_pass(&efr_load::run(&cfg).unwrap());
     }
 }
 
@@ -87,7 +87,7 @@ fn fanout_small_passes() {
             "3000",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     assert_eq!(report.events, 300 * 10 + 3000);
     assert_eq!(report.notifications, expected_total(&cfg));
@@ -99,7 +99,7 @@ fn fanout_small_passes() {
 fn replay_whole_arrival_file_lf_passes() {
     let server = refserver::start(Fault::None);
     let cfg = config(&server, &["replay", ARRIVAL_FILE]);
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     assert_eq!(report.events, 100_000);
     assert_eq!(report.notifications, expected_total(&cfg));
@@ -135,7 +135,7 @@ fn replay_closed_prefix_crlf_passes() {
             "37",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     assert_eq!(report.events, closed as u64);
 }
@@ -146,7 +146,7 @@ fn replay_open_prefix_skips_holes_like_the_server() {
     // delivers what it got at source close, skipping the holes, and so does the model.
     let server = refserver::start(Fault::None);
     let cfg = config(&server, &["replay", ARRIVAL_FILE, "--limit", "1000"]);
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert!(report.pass, "{}", report.summary());
     assert_eq!(report.events, 1000);
 }
@@ -160,7 +160,7 @@ fn json_report_has_figures_params_and_machine() {
         &server,
         &["--json", &p, "harness", "--total-events", "2000"],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass(&report);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -195,5 +195,5 @@ fn tiny_flow_bounds_still_pass() {
             "5000",
         ],
     );
-    assert_pass(&efr::load::run(&cfg).unwrap());
+    assert_pass(&efr_load::run(&cfg).unwrap());
 }

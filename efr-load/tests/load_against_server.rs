@@ -1,43 +1,64 @@
 //! efr-load against efr-sharded over real loopback TCP: a small harness run, a small fanout
-//! run and the replay of the real arrival order all pass, through the library entry and once
-//! through the efr-load binary; and the counts agree on both sides.
+//! run, the replay of the real arrival order and ping all pass, through the library entry and
+//! once through the efr-load binary; and the counts agree on both sides. Every run waits for
+//! the server's registration counter (`--metrics-url`) before the source connects, never a
+//! fixed pause.
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use efr::config::Config;
-use efr::load::LoadConfig;
 use efr::server::RunningServer;
+use efr_load::LoadConfig;
 
 const ARRIVAL_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/harness-arrival-order-100k.txt"
+    "/../tests/data/harness-arrival-order-100k.txt"
 );
 
+/// efr-sharded's library on ephemeral ports, with its metrics endpoint.
+fn start_server(cores: usize) -> RunningServer {
+    let mut config = Config::ephemeral(cores);
+    config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    efr::server::start(config).expect("server starts")
+}
+
+/// The flags that point efr-load at `server` and its metrics.
+fn server_flags(server: &RunningServer) -> Vec<String> {
+    let metrics = server.metrics_addr.expect("metrics endpoint");
+    [
+        "--event-port".to_string(),
+        server.event_addr.port().to_string(),
+        "--client-port".into(),
+        server.client_addr.port().to_string(),
+        "--metrics-url".into(),
+        format!("http://{metrics}/metrics"),
+    ]
+    .into()
+}
+
 fn load_config(server: &RunningServer, workload: &[&str]) -> LoadConfig {
-    let event_port = server.event_addr.port().to_string();
-    let client_port = server.client_addr.port().to_string();
-    let mut args = vec![
-        "efr-load",
-        "--event-port",
-        &event_port,
-        "--client-port",
-        &client_port,
-        "--progress",
-        "off",
-        "--timeout",
-        "20000",
-    ];
-    args.extend_from_slice(workload);
+    let mut args = vec!["efr-load".to_string()];
+    args.extend(server_flags(server));
+    args.extend(["--progress", "off", "--timeout", "20000"].map(String::from));
+    args.extend(workload.iter().map(|s| s.to_string()));
     LoadConfig::try_parse_from(args).expect("valid flags")
 }
 
-fn run_against(cores: usize, workload: &[&str]) -> (efr::load::Report, RunningServer) {
-    let server = efr::server::start(Config::ephemeral(cores)).expect("server starts");
-    let report = efr::load::run(&load_config(&server, workload)).expect("efr-load runs");
+fn run_against(cores: usize, workload: &[&str]) -> (efr_load::Report, RunningServer) {
+    let server = start_server(cores);
+    let report = efr_load::run(&load_config(&server, workload)).expect("efr-load runs");
     assert!(report.pass, "{}", report.summary());
     assert!(report.notifications > 0);
+    assert!(
+        report
+            .registration
+            .starts_with("efr_clients_registered registered"),
+        "{}",
+        report.registration
+    );
     (report, server)
 }
 
@@ -99,11 +120,24 @@ fn replay_of_the_real_arrival_order_passes() {
 }
 
 #[test]
+fn ping_measures_one_round_trip_per_event() {
+    let (report, server) = run_against(2, &["ping", "--count", "300"]);
+    assert_eq!((report.events, report.notifications), (300, 300));
+    assert_eq!(report.clients, 1);
+    assert!(report.pacing.contains("one event at a time"));
+    assert!(report.latency.p50_us > 0.0 && report.latency.p999_us >= report.latency.p50_us);
+    assert_eq!(
+        server.counters().events_delivered.load(Ordering::Relaxed),
+        300
+    );
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
 fn the_efr_load_binary_exits_zero_on_a_pass() {
-    let server = efr::server::start(Config::ephemeral(2)).expect("server starts");
+    let server = start_server(2);
     let output = Command::new(env!("CARGO_BIN_EXE_efr-load"))
-        .args(["--event-port", &server.event_addr.port().to_string()])
-        .args(["--client-port", &server.client_addr.port().to_string()])
+        .args(server_flags(&server))
         .args(["--progress", "off", "harness", "--total-events", "10000"])
         .stdin(Stdio::null())
         .output()

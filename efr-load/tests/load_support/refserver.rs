@@ -53,6 +53,39 @@ pub struct RefServer {
     pub client_port: u16,
     /// What the fault did.
     pub log: Arc<Mutex<FaultLog>>,
+    /// Client connections accepted on `client_port`.
+    pub accepted: Arc<std::sync::atomic::AtomicU64>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl RefServer {
+    /// Opens one more client port sharing this server's clients (a second node's port, as
+    /// far as the clients can tell); returns it and its count of accepted connections.
+    pub fn add_client_port(&self) -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind client port");
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        serve_clients(listener, self.registry.clone(), accepted.clone());
+        (port, accepted)
+    }
+}
+
+/// Accepts clients on `listener` into `registry` on a thread of its own.
+fn serve_clients(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+) {
+    std::thread::spawn(move || {
+        // The id line is read right here (with a timeout), not in a thread per client:
+        // spawning one per connection made the accept queue overflow with 10,000 clients.
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            serve_client(conn, registry.clone());
+        }
+    });
 }
 
 /// Starts a server on ephemeral ports of 127.0.0.1 (serves sessions until the process ends).
@@ -64,24 +97,15 @@ pub fn start(fault: Fault) -> RefServer {
 pub fn start_on(event_port: u16, client_port: u16, fault: Fault) -> RefServer {
     let events = TcpListener::bind(("127.0.0.1", event_port)).expect("bind event port");
     let clients = TcpListener::bind(("127.0.0.1", client_port)).expect("bind client port");
+    let registry = Arc::new(Mutex::new(Registry::default()));
     let server = RefServer {
         event_port: events.local_addr().unwrap().port(),
         client_port: clients.local_addr().unwrap().port(),
         log: Arc::new(Mutex::new(FaultLog::default())),
+        accepted: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        registry: registry.clone(),
     };
-    let registry = Arc::new(Mutex::new(Registry::default()));
-    {
-        let registry = registry.clone();
-        std::thread::spawn(move || {
-            // The id line is read right here (with a timeout), not in a thread per client:
-            // spawning one per connection made the accept queue overflow with 10,000 clients.
-            for conn in clients.incoming() {
-                let Ok(conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                serve_client(conn, registry.clone());
-            }
-        });
-    }
+    serve_clients(clients, registry.clone(), server.accepted.clone());
     let log = server.log.clone();
     std::thread::spawn(move || {
         for conn in events.incoming() {

@@ -1,8 +1,10 @@
 //! SVG charts of `efr-load compare`, drawn with plotters' SVG backend (no font files: the
 //! SVG holds `<text>` elements and the viewer renders them). Per workload: a bar chart of
-//! notifications/s per configuration, and grouped bars of the p50, p99 and p99.9 latency
-//! per configuration on a log scale. A failed configuration is drawn in red and its label
-//! says FAIL; the ceiling is drawn in grey.
+//! notifications/s per configuration, and the p50, p99 and p99.9 latency of each
+//! configuration as points joined by a line, in ms on a log axis with labelled ticks; the
+//! caption says how the workload was paced (an unpaced run's latency includes queueing
+//! behind the source). A failed configuration is drawn in red and its label says FAIL; the
+//! ceiling is drawn in grey.
 
 use std::path::Path;
 
@@ -11,7 +13,9 @@ use plotters::coord::types::RangedCoordusize;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::compare::{Row, CEILING_NAME};
+use super::report::ms;
+use super::rows::{Row, Verdict, CEILING_NAME};
+use super::workload_spec::WorkloadSpec;
 
 /// Width given to each configuration, pixels.
 pub const BAR_SLOT_PX: u32 = 130;
@@ -40,7 +44,13 @@ const PASS_COLOUR: RGBColor = RGBColor(0x33, 0x66, 0xaa);
 const FAIL_COLOUR: RGBColor = RGBColor(0xcc, 0x33, 0x33);
 /// Colour of the ceiling's bar.
 const CEILING_COLOUR: RGBColor = RGBColor(0x88, 0x88, 0x88);
-/// Colours of the p50, p99 and p99.9 bars.
+/// Radius of a latency point, pixels.
+pub const POINT_PX: i32 = 5;
+/// Requested number of labelled ticks on the latency axis.
+pub const LATENCY_TICKS: usize = 14;
+/// Colour of the line joining one configuration's latency points.
+const RANGE_COLOUR: RGBColor = RGBColor(0x99, 0x99, 0x99);
+/// Colours of the p50, p99 and p99.9 points.
 const LATENCY_COLOURS: [RGBColor; 3] = [
     RGBColor(0x44, 0x99, 0x55),
     RGBColor(0xdd, 0x88, 0x22),
@@ -54,10 +64,11 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 fn label(r: &Row) -> String {
-    if r.pass {
-        r.server.clone()
-    } else {
-        format!("{} FAIL", r.server)
+    match r.verdict() {
+        Verdict::Pass | Verdict::KnownWrongPassed => r.server.clone(),
+        Verdict::Fail => format!("{} FAIL", r.server),
+        Verdict::ExpectedFail => format!("{} FAIL (expected)", r.server),
+        Verdict::Skipped => format!("{} (cannot run)", r.server),
     }
 }
 
@@ -72,20 +83,21 @@ fn colour(r: &Row) -> RGBColor {
 }
 
 /// Writes the charts of every workload into `dir`; returns their file names.
-pub fn write_charts(dir: &Path, rows: &[Row]) -> anyhow::Result<Vec<String>> {
-    let mut workloads: Vec<&str> = Vec::new();
-    for r in rows {
-        if !workloads.contains(&r.workload.as_str()) {
-            workloads.push(&r.workload);
-        }
-    }
+pub fn write_charts(
+    dir: &Path,
+    workloads: &[WorkloadSpec],
+    rows: &[Row],
+) -> anyhow::Result<Vec<String>> {
     let mut files = Vec::new();
     for w in workloads {
-        let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == w).collect();
-        let name = format!("notifications-{w}.svg");
-        throughput_chart(&dir.join(&name), w, &rows)?;
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == w.label).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let name = format!("notifications-{}.svg", w.label);
+        throughput_chart(&dir.join(&name), &w.label, &rows)?;
         files.push(name);
-        let name = format!("latency-{w}.svg");
+        let name = format!("latency-{}.svg", w.label);
         latency_chart(&dir.join(&name), w, &rows)?;
         files.push(name);
     }
@@ -185,29 +197,34 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
     Ok(())
 }
 
-/// p50, p99 and p99.9 latency per configuration, log scale.
-pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Result<()> {
-    let (w, h) = size(rows.len());
-    let root: Area = SVGBackend::new(path, (w, h)).into_drawing_area();
+/// p50, p99 and p99.9 latency per configuration: points joined by a line, in ms on a log
+/// axis with labelled ticks. The caption says how the workload was paced.
+pub fn latency_chart(path: &Path, w: &WorkloadSpec, rows: &[&Row]) -> anyhow::Result<()> {
+    let (width, height) = size(rows.len());
+    let root: Area = SVGBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let values = |r: &Row| [r.p50_us, r.p99_us, r.p999_us];
+    let values_ms = |r: &Row| [r.p50_us, r.p99_us, r.p999_us].map(|v| v.map(|us| us / 1e3));
     let all: Vec<f64> = rows
         .iter()
-        .flat_map(|r| values(r))
+        .flat_map(|r| values_ms(r))
         .flatten()
         .filter(|v| *v > 0.0)
         .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = all.iter().copied().fold(0.0f64, f64::max);
     let (lo, hi) = if all.is_empty() {
-        (1.0, 10.0)
+        (0.01, 10.0)
     } else {
-        (lo / 2.0, hi * 2.0)
+        (lo / 1.5, hi * 1.5)
     };
     let labels = names(rows);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{workload}: latency p50 / p99 / p99.9 (median of runs)"),
+            format!(
+                "{}: latency p50 / p99 / p99.9, ms ({})",
+                w.label,
+                w.latency_kind()
+            ),
             ("sans-serif", TITLE_FONT),
         )
         .margin(MARGIN_PX)
@@ -224,34 +241,50 @@ pub fn latency_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::Resu
             SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
-        .y_desc("latency, microseconds")
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_labels(LATENCY_TICKS)
+        .y_desc("latency, ms (log scale)")
+        .y_label_formatter(&|v| ms(*v))
         .draw()
         .map_err(err)?;
-    // Each configuration's slot holds three bars side by side.
-    let plot_px = chart.plotting_area().dim_in_pixel().0;
-    let slot = plot_px / rows.len().max(1) as u32;
-    let third = slot.saturating_sub(2 * BAR_GAP_PX) / 3;
+    // One configuration: a line from its p50 to its p99.9, a point per percentile.
+    chart
+        .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
+            let v = values_ms(r);
+            let (low, high) = (v[0]?, v[2]?);
+            Some(PathElement::new(
+                vec![
+                    (SegmentValue::CenterOf(i), low),
+                    (SegmentValue::CenterOf(i), high),
+                ],
+                RANGE_COLOUR.stroke_width(2),
+            ))
+        }))
+        .map_err(err)?;
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
         let c = LATENCY_COLOURS[k];
         chart
             .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
-                let v = values(r)[k]?;
-                let left = BAR_GAP_PX + k as u32 * third;
-                let right = BAR_GAP_PX + (2 - k as u32) * third;
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), lo),
-                        (SegmentValue::Exact(i + 1), v),
-                    ],
+                let v = values_ms(r)[k]?;
+                Some(Circle::new(
+                    (SegmentValue::CenterOf(i), v),
+                    POINT_PX,
                     c.filled(),
-                );
-                bar.set_margin(0, 0, left, right);
-                Some(bar)
+                ))
             }))
             .map_err(err)?
             .label(*name)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+            .legend(move |(x, y)| Circle::new((x + 5, y), POINT_PX, c.filled()));
+        // The value beside each point, so that it can be read without the axis.
+        chart
+            .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
+                let v = values_ms(r)[k]?;
+                Some(Text::new(
+                    format!("  {}", ms(v)),
+                    (SegmentValue::CenterOf(i), v),
+                    ("sans-serif", LABEL_FONT).into_font().color(&c),
+                ))
+            }))
+            .map_err(err)?;
     }
     chart
         .configure_series_labels()

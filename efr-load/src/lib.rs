@@ -2,13 +2,18 @@
 //! of the Follower Maze protocol (PROTOCOL.md) against any server, checks every byte every
 //! client receives against its own model, and measures throughput, latency and its own cost.
 //!
-//! A run: connect every client and send its id line, wait `--settle-ms`, connect the event
-//! source and stream the workload's batches; the source hands each batch's deliverable events
+//! A run: connect every client and send its id line, wait until the server registered them
+//! ([`registration`]: its metrics counter, or `--settle-ms` for servers that expose nothing),
+//! connect the event source and stream the workload's batches; the source hands each batch's deliverable events
 //! to every reader thread before writing it ([`source`]); each reader applies them to its own
 //! follow-graph model and checks its clients' lines ([`clients`]). After the last event the
 //! source closes its write side; the run ends when every client received everything expected
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
-//! `--timeout` ms while expecting lines. This module is independent of the server's code.
+//! `--timeout` ms while expecting lines.
+//!
+//! Also here: `compare` (runs against several servers, [`compare`], [`rows`], [`chart`],
+//! [`workload_spec`]) and its ceiling ([`ceiling`]). This crate is independent of the
+//! server's code.
 
 pub mod ceiling;
 pub mod chaos;
@@ -18,10 +23,14 @@ pub mod compare;
 pub mod config;
 pub mod flow;
 pub mod model;
+pub mod ping;
+pub mod registration;
 pub mod report;
 pub mod rng;
+pub mod rows;
 pub mod source;
 pub mod workload;
+pub mod workload_spec;
 
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -31,7 +40,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use config::{LoadConfig, ProgressMode, WorkloadCmd};
+pub use config::{Command, LoadConfig, ProgressMode, WorkloadCmd};
 pub use report::Report;
 
 use clients::{ClientConn, ReaderOutcome, ReaderSettings};
@@ -109,21 +118,36 @@ fn connect_clients(
     users: &[u64],
     readers: usize,
 ) -> anyhow::Result<Vec<Vec<ClientConn>>> {
-    let addr = resolve(&config.host, config.client_port)?;
+    let ports = if config.client_ports.is_empty() {
+        vec![config.client_port]
+    } else {
+        config.client_ports.clone()
+    };
+    let addrs = ports
+        .iter()
+        .map(|&p| resolve(&config.host, p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let timeout = Duration::from_millis(config.connect_timeout_ms);
     let names = client_names(users);
     let threads = config.connect_threads.clamp(1, users.len().max(1));
     let per_thread = users.len().div_ceil(threads).max(1);
     let ending = config.line_ending.bytes();
+    let addrs = &addrs;
     let streams: Vec<TcpStream> = std::thread::scope(|scope| {
         let handles: Vec<_> = users
             .chunks(per_thread)
             .zip(names.chunks(per_thread))
-            .map(|(us, ns)| {
+            .enumerate()
+            .map(|(chunk, (us, ns))| {
                 scope.spawn(move || {
                     us.iter()
                         .zip(ns)
-                        .map(|(&u, n)| connect_one(addr, timeout, u, n, ending))
+                        .enumerate()
+                        .map(|(k, (&u, n))| {
+                            // Client i connects to the (i mod n)-th client port.
+                            let addr = addrs[(chunk * per_thread + k) % addrs.len()];
+                            connect_one(addr, timeout, u, n, ending)
+                        })
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
             })
@@ -165,17 +189,51 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let (user0, sys0, _) = report::rusage();
 
     let readers = config.reader_threads(users.len());
+    let metrics = match &config.metrics_url {
+        Some(url) => {
+            let endpoint = registration::MetricsEndpoint::parse(url)?;
+            let baseline = endpoint.read(&config.registered_metric)?;
+            Some((endpoint, baseline))
+        }
+        None => None,
+    };
     let connect_start = std::time::Instant::now();
     let per_reader = connect_clients(config, &users, readers)?;
     let connect_s = connect_start.elapsed().as_secs_f64();
+    // Before the chaos clients connect: their registrations would count too.
+    let registration = match &metrics {
+        Some((endpoint, baseline)) => {
+            let waited = registration::wait_for_count(
+                || endpoint.read(&config.registered_metric),
+                *baseline,
+                users.len() as u64,
+                Duration::from_millis(config.register_timeout_ms),
+                &config.registered_metric,
+            )?;
+            format!(
+                "{} registered {} clients {:.3}s after the last id line",
+                config.registered_metric,
+                users.len(),
+                waited.as_secs_f64()
+            )
+        }
+        None => {
+            let ms = config::settle_ms(config.settle_ms, users.len() as u64);
+            format!("no metrics: a fixed pause of {ms} ms (--settle-ms)")
+        }
+    };
     // Stopped when dropped: at the end of the run or on an early return.
     let chaos_clients = match &chaos {
         Some(c) => Some(c.start_clients(
-            resolve(&config.host, config.client_port)?,
+            resolve(&config.host, config.client_port_of(0))?,
             c.client_ids(&users, max_user),
         )?),
         None => None,
     };
+    if let Some(c) = &chaos_clients {
+        // Waited for, not required: a server may refuse every chaos client.
+        let _ = c.wait_active(chaos::CHAOS_ACTIVE_TIMEOUT);
+    }
     let shared = Shared::new(users.len() as u64);
     let settings = ReaderSettings {
         timeout_ms: config.timeout,
@@ -197,10 +255,12 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
                 .spawn(move || clients::run_reader(conns, max_user, rx, shared, settings))?,
         );
     }
-    std::thread::sleep(Duration::from_millis(config::settle_ms(
-        config.settle_ms,
-        users.len() as u64,
-    )));
+    if metrics.is_none() {
+        std::thread::sleep(Duration::from_millis(config::settle_ms(
+            config.settle_ms,
+            users.len() as u64,
+        )));
+    }
 
     let source_stream = resolve(&config.host, config.event_port).and_then(|addr| {
         TcpStream::connect_timeout(&addr, Duration::from_millis(config.connect_timeout_ms))
@@ -217,9 +277,15 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
             return Err(e);
         }
     };
+    let lockstep = workload.lockstep();
     let source_settings = SourceSettings {
         rate: config.rate,
-        max_inflight: config.max_inflight_batches,
+        // One event at a time: the next batch waits until the previous one was received.
+        max_inflight: if lockstep {
+            1
+        } else {
+            config.max_inflight_batches
+        },
         max_pending: config.max_pending_notifications,
     };
     let source_shared = shared.clone();
@@ -291,10 +357,22 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         errors: errors.into_iter().map(|e| e.1).collect(),
         error_count,
         workload: cmd.name().to_string(),
-        server: format!(
-            "{}:{}/{}",
-            config.host, config.event_port, config.client_port
-        ),
+        pacing: match (lockstep, config.rate) {
+            (true, None) => "one event at a time".to_string(),
+            (true, Some(r)) => format!("one event at a time, at most {r} events/s"),
+            (false, Some(r)) => format!("paced at {r} events/s"),
+            (false, None) => "unpaced: latency includes queueing behind the source".to_string(),
+        },
+        registration,
+        server: if config.client_ports.is_empty() {
+            format!(
+                "{}:{}/{}",
+                config.host, config.event_port, config.client_port
+            )
+        } else {
+            let ports: Vec<String> = config.client_ports.iter().map(u16::to_string).collect();
+            format!("{}:{}/{}", config.host, config.event_port, ports.join(","))
+        },
         clients: users.len() as u64,
         events: source_out.events,
         notifications,
@@ -329,13 +407,24 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Shows progress on stderr until `done()`.
-fn progress(config: &LoadConfig, shared: &Shared, total: Option<u64>, done: impl Fn() -> bool) {
-    let mode = match config.progress {
-        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
-        ProgressMode::Auto => ProgressMode::Plain,
+/// The progress display for `asked` when stderr `is_terminal` or not: a bar redraws in place
+/// with terminal control sequences, which a file or a pipe cannot show, so there `bar` and
+/// `auto` print plain lines instead.
+pub fn progress_mode(asked: ProgressMode, is_terminal: bool) -> ProgressMode {
+    match asked {
+        ProgressMode::Auto | ProgressMode::Bar if is_terminal => ProgressMode::Bar,
+        ProgressMode::Auto | ProgressMode::Bar => ProgressMode::Plain,
         m => m,
-    };
+    }
+}
+
+/// Shows progress on stderr until `done()`; plain lines every [`PROGRESS_PLAIN_INTERVAL`]
+/// and once at the end.
+fn progress(config: &LoadConfig, shared: &Shared, total: Option<u64>, done: impl Fn() -> bool) {
+    let mode = progress_mode(config.progress, std::io::stderr().is_terminal());
+    if config.progress == ProgressMode::Bar && mode == ProgressMode::Plain {
+        eprintln!("efr-load: stderr is not a terminal: progress as plain lines instead of a bar");
+    }
     let bar = (mode == ProgressMode::Bar).then(|| {
         let b = indicatif::ProgressBar::new(total.unwrap_or(0));
         let style = indicatif::ProgressStyle::with_template(
@@ -347,22 +436,30 @@ fn progress(config: &LoadConfig, shared: &Shared, total: Option<u64>, done: impl
     });
     let start = std::time::Instant::now();
     let mut last_plain = start;
-    while !done() {
-        std::thread::sleep(PROGRESS_TICK);
+    let plain_line = || {
         let events = shared.events_written.load(Ordering::Relaxed);
         let notes = shared.notifications.load(Ordering::Relaxed);
         let failed = shared.failed_clients.load(Ordering::Relaxed);
+        let t = total.map_or(String::new(), |t| format!("/{t}"));
+        eprintln!(
+            "efr-load: {:.1}s events {events}{t} notifications {notes} failed clients {failed}",
+            start.elapsed().as_secs_f64()
+        );
+    };
+    while !done() {
+        std::thread::sleep(PROGRESS_TICK);
         if let Some(b) = &bar {
-            b.set_position(events);
+            let notes = shared.notifications.load(Ordering::Relaxed);
+            let failed = shared.failed_clients.load(Ordering::Relaxed);
+            b.set_position(shared.events_written.load(Ordering::Relaxed));
             b.set_message(format!("{notes} notifications, {failed} failed clients"));
         } else if mode == ProgressMode::Plain && last_plain.elapsed() >= PROGRESS_PLAIN_INTERVAL {
             last_plain = std::time::Instant::now();
-            let t = total.map_or(String::new(), |t| format!("/{t}"));
-            eprintln!(
-                "efr-load: {:.0}s events {events}{t} notifications {notes} failed clients {failed}",
-                start.elapsed().as_secs_f64()
-            );
+            plain_line();
         }
+    }
+    if mode == ProgressMode::Plain {
+        plain_line();
     }
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -5,13 +5,14 @@
 //! deliverable, in seq order (`model`), i.e. the events that complete the contiguous prefix of
 //! written seqs. The client readers apply `model` to their follow graph; nothing here touches a
 //! socket, so the expected streams can be computed without one (see
-//! [`crate::load::model::expected_streams`]).
+//! [`crate::model::expected_streams`]).
 //!
 //! - `harness`: the original Follower Maze harness model (F, U, P 15% each, B 0.01%, S the
 //!   rest; from/to uniform; contiguous batches of uniform size 1..=max, each shuffled).
 //! - `fanout`: every connected user follows some users drawn from a Zipf law, then a stream
 //!   dominated by status updates from Zipf-drawn (popular) users.
 //! - `replay`: the harness events sent in a recorded arrival order read from a file.
+//! - `ping` ([`crate::ping`]): one private message at a time, each after the previous arrived.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -138,7 +139,8 @@ pub struct ModelChunk {
 }
 
 impl ModelChunk {
-    fn push(&mut self, ev: Event) {
+    /// Appends an event and its payload.
+    pub fn push(&mut self, ev: Event) {
         ev.render(&mut self.payload);
         self.ends.push(self.payload.len() as u32);
         self.events.push(ev);
@@ -173,6 +175,11 @@ pub trait Workload: Send {
     fn total_events(&self) -> Option<u64>;
     /// The next batch, or `None` at the end.
     fn next_batch(&mut self) -> anyhow::Result<Option<Batch>>;
+    /// True when each batch must be fully received before the next one is written (one
+    /// event at a time: `ping`).
+    fn lockstep(&self) -> bool {
+        false
+    }
 }
 
 /// `count` distinct ids drawn uniformly from `1..=users`, in draw order.

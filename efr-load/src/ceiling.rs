@@ -34,12 +34,12 @@ use anyhow::Context;
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
-use super::config::WorkloadCmd;
+use super::config::{NullServerArgs, WorkloadCmd};
 use super::model::Model;
 use super::workload::LineEnding;
 
 /// Default output precomputed ahead of the source, bytes (the generator's queue).
-pub const DEFAULT_LOOKAHEAD_BYTES: u64 = 1 << 30;
+pub const DEFAULT_LOOKAHEAD_BYTES: u64 = super::config::CEILING_LOOKAHEAD_BYTES;
 /// Output handed from the generator to the writer in one message, bytes (about).
 pub const GROUP_BYTES: usize = 1 << 20;
 /// Sleep of the accept loop when nothing is pending.
@@ -665,36 +665,6 @@ impl TakeIfReady for Option<Chunk> {
     }
 }
 
-/// `efr-load null-server` flags: the ceiling as a process of its own, so that it has its
-/// own descriptor table (10,000 clients on each side do not fit in one) and its RSS is
-/// measured like any server's. `efr-load compare` starts it.
-#[derive(clap::Parser, Debug)]
-#[command(
-    name = "efr-load null-server",
-    about = "The ceiling of efr-load compare: writes each client's expected stream, paced by \
-             the source's bytes, without parsing, ordering or routing."
-)]
-pub struct NullServerArgs {
-    /// The workload, as `efr-load compare --workloads` takes it (e.g. harness:1000000).
-    #[arg(long)]
-    pub workload: String,
-    /// Event port on 127.0.0.1.
-    #[arg(long)]
-    pub event_port: u16,
-    /// Client port on 127.0.0.1.
-    #[arg(long)]
-    pub client_port: u16,
-    /// Output precomputed ahead of the source, MiB.
-    #[arg(long, default_value_t = DEFAULT_LOOKAHEAD_BYTES >> 20)]
-    pub lookahead_mib: u64,
-    /// Written with the number of the last prepared run each time one is prepared.
-    #[arg(long)]
-    pub ready_file: Option<std::path::PathBuf>,
-    /// Written with [`CeilingStats`] (JSON) after each run.
-    #[arg(long)]
-    pub stats_file: Option<std::path::PathBuf>,
-}
-
 /// How often the null-server process publishes its state.
 pub const PUBLISH_POLL: Duration = Duration::from_millis(2);
 
@@ -705,18 +675,9 @@ fn write_atomic(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Entry of `efr-load null-server ARGS...` (`args` starts with the program name): serves
-/// until SIGTERM or SIGINT. Returns the exit status.
-pub fn main_from_args(args: Vec<String>) -> i32 {
-    use clap::Parser;
-    let a = match NullServerArgs::try_parse_from(&args) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { super::EXIT_USAGE } else { 0 };
-        }
-    };
-    match null_server_main(&a) {
+/// `efr-load null-server`: serves until SIGTERM or SIGINT. Returns the exit status.
+pub fn main(a: &NullServerArgs) -> i32 {
+    match null_server_main(a) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("efr-load null-server: {e:#}");
@@ -730,12 +691,12 @@ fn null_server_main(a: &NullServerArgs) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     super::raise_nofile(u64::MAX);
-    let w = super::compare::parse_workload(&a.workload)?;
+    let w = super::workload_spec::parse_workload(&a.workload)?;
     let settings = CeilingSettings {
         lookahead_bytes: a.lookahead_mib << 20,
         line_ending: LineEnding::Lf,
     };
-    let server = NullServer::start_on(&w.cmd, settings, a.event_port, a.client_port)?;
+    let server = NullServer::start_on(&w.cmd, settings, a.listen_event_port, a.listen_client_port)?;
     let (mut ready, mut served) = (0, 0);
     while !stop.load(Ordering::Acquire) {
         if let Some(e) = server.error() {

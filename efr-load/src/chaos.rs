@@ -47,6 +47,8 @@ pub const CHAOS_SEED: u64 = 5;
 pub const CHAOS_STALL_MAX_MS: u64 = 3_000;
 /// Longest read phase of a chaos client, ms.
 pub const CHAOS_READ_MAX_MS: u64 = 1_000;
+/// Longest wait for the first chaos client to identify before the source connects.
+pub const CHAOS_ACTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause of a chaos client between connecting and sending its id, ms (well under the
 /// server's default handshake timeout of 5 s).
 pub const CHAOS_IDENTIFY_DELAY_MAX_MS: u64 = 300;
@@ -88,29 +90,32 @@ pub enum ChaosIds {
     Above,
 }
 
+/// Help heading of the `--chaos` flags.
+pub const CHAOS_HEADING: &str = "Chaos options (every workload)";
+
 /// The `--chaos` flags (global: they work with every workload).
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct ChaosArgs {
     /// Inject faults: chaos clients and malformed source lines (see the --chaos-* flags).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING)]
     pub chaos: bool,
     /// Chaos client connections (ids outside the verified set).
-    #[arg(long, global = true, default_value_t = CHAOS_CLIENTS, value_name = "N")]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, default_value_t = CHAOS_CLIENTS, value_name = "N")]
     pub chaos_clients: usize,
     /// Mean number of real events between two injected source faults (0: none).
-    #[arg(long, global = true, default_value_t = CHAOS_MALFORMED_EVERY, value_name = "N")]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, default_value_t = CHAOS_MALFORMED_EVERY, value_name = "N")]
     pub chaos_malformed_every: u64,
     /// Length of an injected overlong line, bytes; must exceed the server's line limit.
-    #[arg(long, global = true, default_value_t = CHAOS_LONG_LINE, value_name = "BYTES")]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, default_value_t = CHAOS_LONG_LINE, value_name = "BYTES")]
     pub chaos_long_line: usize,
     /// Longest stall (no reads) of a chaos client, ms.
-    #[arg(long, global = true, default_value_t = CHAOS_STALL_MAX_MS, value_name = "MS")]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, default_value_t = CHAOS_STALL_MAX_MS, value_name = "MS")]
     pub chaos_stall_max_ms: u64,
     /// Ids of the chaos clients.
-    #[arg(long, global = true, value_enum, default_value_t = ChaosIds::Unverified)]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, value_enum, default_value_t = ChaosIds::Unverified)]
     pub chaos_ids: ChaosIds,
     /// Seed of the chaos random streams.
-    #[arg(long, global = true, default_value_t = CHAOS_SEED)]
+    #[arg(long, global = true, help_heading = CHAOS_HEADING, default_value_t = CHAOS_SEED)]
     pub chaos_seed: u64,
 }
 
@@ -279,12 +284,16 @@ impl Chaos {
             seed: self.args.chaos_seed,
         };
         let thread_stop = stop.clone();
+        let clients = ids.len();
+        let thread_counts = counts.clone();
         let handle = std::thread::Builder::new()
             .name("efr-load-chaos".into())
-            .spawn(move || run_clients(ids, settings, thread_stop, counts))?;
+            .spawn(move || run_clients(ids, settings, thread_stop, thread_counts))?;
         Ok(ChaosClients {
             stop,
             handle: Some(handle),
+            counts,
+            clients,
         })
     }
 
@@ -485,6 +494,9 @@ impl Workload for ChaosWorkload {
     fn total_events(&self) -> Option<u64> {
         self.inner.total_events()
     }
+    fn lockstep(&self) -> bool {
+        self.inner.lockstep()
+    }
     fn next_batch(&mut self) -> anyhow::Result<Option<Batch>> {
         let Some(mut batch) = self.inner.next_batch()? else {
             return Ok(None);
@@ -515,9 +527,25 @@ impl Workload for ChaosWorkload {
 pub struct ChaosClients {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    counts: Arc<ClientCounts>,
+    clients: usize,
 }
 
 impl ChaosClients {
+    /// Waits until a chaos client sent its id line (so that chaos surrounds the stream from
+    /// its start, however short the run), or `timeout` passed; true when one did. Returns at
+    /// once when there are no chaos clients.
+    pub fn wait_active(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.clients > 0 && self.counts.identified.load(Ordering::Relaxed) == 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(CHAOS_TICK);
+        }
+        true
+    }
+
     /// Stops the clients (closing their connections) and waits for their thread.
     pub fn stop(mut self) {
         self.stop_now();
@@ -699,7 +727,7 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::workload::{Harness, HarnessParams};
+    use crate::workload::{Harness, HarnessParams};
 
     fn harness(total: u64) -> Box<dyn Workload> {
         Box::new(

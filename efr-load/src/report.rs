@@ -49,6 +49,12 @@ pub struct Report {
     pub error_count: u64,
     /// Workload name.
     pub workload: String,
+    /// How the source was paced, which says what the latency includes: `unpaced` (as fast
+    /// as the server takes the events: latency includes queueing behind the source),
+    /// `paced at N events/s`, or `one event at a time` (ping: round trips).
+    pub pacing: String,
+    /// How the clients' registration was awaited before the source connected.
+    pub registration: String,
     /// Server address, `host:event_port/client_port`.
     pub server: String,
     /// Client connections.
@@ -106,6 +112,19 @@ fn si(v: f64) -> String {
     }
 }
 
+/// A duration in ms, with the digits a sub-millisecond value needs (`0.055`, `2.31`, `166`).
+pub fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 fn dur_us(us: f64) -> String {
     if us >= 1e6 {
         format!("{:.2}s", us / 1e6)
@@ -142,12 +161,13 @@ impl Report {
         let l = &self.latency;
         let _ = writeln!(
             s,
-            "  Latency        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            "  Latency        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({})",
             dur_us(l.p50_us),
             dur_us(l.p90_us),
             dur_us(l.p99_us),
             dur_us(l.p999_us),
-            dur_us(l.max_us)
+            dur_us(l.max_us),
+            self.pacing
         );
         let per = self
             .cpu_ns_per_notification

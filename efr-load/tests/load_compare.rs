@@ -8,19 +8,36 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use efr::load::ceiling::{CeilingSettings, NullServer};
-use efr::load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
-use efr::load::model::expected_streams;
-use efr::load::workload::LineEnding;
+use efr_load::ceiling::{CeilingSettings, NullServer};
+use efr_load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
+use efr_load::model::expected_streams;
+use efr_load::workload::LineEnding;
 
 /// Longest any single test may take (they are far faster; this only bounds a hang).
 const TEST_BOUND: Duration = Duration::from_secs(30);
 
+mod load_support;
+use load_support::efr_stand_in;
+
+/// Not a test of its own: the efr-sharded process that the tests here start through compare.
+#[test]
+#[ignore = "started by the compare tests as a server process"]
+fn efr_sharded_stand_in() {
+    efr_stand_in::serve_if_asked();
+}
+
+/// `NAME=CMD` of efr-sharded with `flags`, on compare's ports, with its metrics endpoint (so
+/// that each run waits for its registration counter).
+fn sharded_named(name: &str, flags: &str) -> String {
+    let flags = format!(
+        "{flags} --event-port {{event_port}} --client-port {{client_port}} \
+         --metrics-addr 127.0.0.1:{{metrics_port}}"
+    );
+    format!("{name}={}", efr_stand_in::command(&flags))
+}
+
 fn sharded_cmd(cores: u32) -> String {
-    format!(
-        "sharded=exec {} --cores {cores} --event-port {{event_port}} --client-port {{client_port}}",
-        env!("CARGO_BIN_EXE_efr-sharded")
-    )
+    sharded_named("sharded", &format!("--cores {cores}"))
 }
 
 /// Flags with `--runs 1` unless `extra` sets it.
@@ -59,7 +76,7 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
         &out,
         &[
             "--workloads",
-            "harness:5000,fanout:30:300",
+            "harness:5000,fanout:30:300,ping:200,harness:3000@30000",
             "--server",
             &server,
         ],
@@ -68,7 +85,8 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     let (summary, dir) = compare(&a, "test").unwrap();
     assert!(started.elapsed() < TEST_BOUND);
     assert_eq!(dir, out);
-    assert_eq!(summary.rows.len(), 4);
+    assert_eq!(summary.rows.len(), 8);
+    assert!(summary.as_designed());
     for r in &summary.rows {
         assert!(
             r.pass,
@@ -87,7 +105,7 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
         .iter()
         .filter(|r| r.server == CEILING_NAME)
         .collect();
-    assert_eq!(ceilings.len(), 2);
+    assert_eq!(ceilings.len(), 4);
     for c in ceilings {
         assert_eq!(c.ratio_to_ceiling, Some(1.0));
         assert!(c.peak_rss_bytes.unwrap() > 0);
@@ -97,7 +115,12 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     let sharded = summary.rows.iter().find(|r| r.server == "sharded").unwrap();
     assert!(sharded.peak_rss_bytes.unwrap() > 0);
     // Both rows of a workload verified the same notifications.
-    for w in ["harness-5000", "fanout-30c-300"] {
+    for w in [
+        "harness-5000",
+        "fanout-30c-300",
+        "ping-200",
+        "harness-3000-at-30000",
+    ] {
         let counts: Vec<_> = summary
             .rows
             .iter()
@@ -109,13 +132,32 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     for f in ["summary.json", "summary.md"] {
         non_empty(&out.join(f));
     }
-    assert_eq!(summary.charts.len(), 4);
+    let ping = summary
+        .rows
+        .iter()
+        .find(|r| r.server == "sharded" && r.workload == "ping-200")
+        .unwrap();
+    assert_eq!(ping.notifications, Some(200));
+    for o in &ping.run_outcomes {
+        let report = o.report.as_ref().unwrap();
+        assert_eq!(report.pacing, "one event at a time");
+        assert!(report.registration.starts_with("efr_clients_registered"));
+    }
+    assert_eq!(summary.charts.len(), 8);
     for c in &summary.charts {
         let text = std::fs::read_to_string(out.join(c)).unwrap();
         assert!(text.starts_with("<svg") && text.contains("</svg>"), "{c}");
     }
+    // Latency in ms, as points with their values, and the pacing in the caption.
+    let latency = |w: &str| std::fs::read_to_string(out.join(format!("latency-{w}.svg"))).unwrap();
+    let unpaced = latency("harness-5000");
+    assert!(unpaced.contains("latency, ms") && unpaced.contains("unpaced"));
+    assert!(unpaced.contains("<circle"), "latency is drawn as points");
+    assert!(latency("ping-200").contains("round trip"));
+    assert!(latency("harness-3000-at-30000").contains("paced at 30000 events/s"));
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("| ceiling | PASS 1/1 |") && md.contains("| sharded | PASS 1/1 |"));
+    assert!(md.contains("p50 ms") && md.contains("### ping-200 (round trip"));
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -155,6 +197,58 @@ fn a_server_that_exits_or_never_listens_is_a_failure_not_a_hang() {
 }
 
 #[test]
+fn an_existing_results_folder_is_refused_unless_forced() {
+    let out = temp_dir("exists");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("summary.md"), "earlier results").unwrap();
+    let a = args(&out, &["--workloads", "harness:100"]);
+    let err = compare(&a, "test").unwrap_err().to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    let kept = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert_eq!(kept, "earlier results");
+    let a = args(&out, &["--workloads", "harness:100", "--force"]);
+    let (summary, _) = compare(&a, "test").unwrap();
+    assert!(summary.as_designed());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A server wrong by design (the batch resequencer with a buffer far smaller than the
+/// harness's disorder) fails its rows as expected: the comparison still behaved as designed.
+/// The same server not marked fails the comparison.
+#[test]
+fn a_row_that_is_wrong_by_design_does_not_fail_the_comparison() {
+    let out = temp_dir("expected");
+    let wrong = sharded_named(
+        "tiny-batch",
+        "--cores 1 --resequencer batch --resequencer-capacity 10",
+    );
+    let run = |extra: &[&str]| {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut flags = vec!["--workloads", "harness:3000", "--server", &wrong];
+        flags.extend_from_slice(extra);
+        compare(&args(&out, &flags), "test").unwrap().0
+    };
+    let marked = run(&["--expect-fail", "tiny-batch"]);
+    let row = marked
+        .rows
+        .iter()
+        .find(|r| r.server == "tiny-batch")
+        .unwrap();
+    assert!(!row.pass, "the verifier must catch the batch resequencer");
+    assert_eq!(row.verdict(), efr_load::rows::Verdict::ExpectedFail);
+    assert!(marked.as_designed());
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| tiny-batch | expected FAIL"), "{md}");
+
+    let unmarked = run(&[]);
+    assert!(!unmarked.as_designed());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
 fn ceiling_serves_several_runs_with_a_small_lookahead() {
     // A lookahead smaller than the output: part of it is generated during the run.
     let w = parse_workload("harness:50000").unwrap();
@@ -174,7 +268,8 @@ fn ceiling_serves_several_runs_with_a_small_lookahead() {
     .unwrap();
     for run in 1..=2u64 {
         null.wait_prepared(run, TEST_BOUND).unwrap();
-        let mut cfg = efr::load::LoadConfig::parse_from([
+        // The ceiling exposes no metrics: the settle pause is the fallback here.
+        let mut cfg = efr_load::LoadConfig::parse_from([
             "efr-load",
             "--progress",
             "off",
@@ -184,7 +279,7 @@ fn ceiling_serves_several_runs_with_a_small_lookahead() {
         ]);
         cfg.event_port = null.event_port();
         cfg.client_port = null.client_port();
-        let report = efr::load::run(&cfg).unwrap();
+        let report = efr_load::run(&cfg).unwrap();
         assert!(report.pass, "{}", report.summary());
         assert_eq!(report.bytes_received, expected);
     }

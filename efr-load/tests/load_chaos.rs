@@ -3,36 +3,54 @@
 //! source stream, every verified client still gets exactly its notifications, and the
 //! server's counters show exactly the lines efr-load says it injected.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use efr::config::Config;
-use efr::load::chaos::FaultsInjected;
-use efr::load::{LoadConfig, Report};
 use efr::server::RunningServer;
+use efr_load::chaos::FaultsInjected;
+use efr_load::{LoadConfig, Report};
 
 /// Longest wait for the server's counters to settle after a run.
-const SETTLE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(30);
+/// How often the counters are read while waiting.
+const COUNTER_POLL: Duration = Duration::from_millis(2);
 
 fn start() -> RunningServer {
-    efr::server::start(Config::ephemeral(2)).expect("server starts")
+    let mut config = Config::ephemeral(2);
+    config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    efr::server::start(config).expect("server starts")
 }
 
+/// efr-load flags for `server`; each run waits for the server's registration counter.
 fn config(server: &RunningServer, args: &[&str]) -> LoadConfig {
     let event = server.event_addr.port().to_string();
     let client = server.client_addr.port().to_string();
+    let metrics = server.metrics_addr.expect("metrics endpoint").to_string();
     let mut all = vec![
         "efr-load",
         "--event-port",
         &event,
         "--client-port",
         &client,
+        "--metrics-url",
+        &metrics,
         "--progress",
         "off",
     ];
     all.extend_from_slice(args);
     LoadConfig::try_parse_from(all).expect("valid flags")
+}
+
+/// Waits until `done()`, failing the test (naming `what`) after [`SETTLE`].
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {SETTLE:?} for: {what}");
+        std::thread::sleep(COUNTER_POLL);
+    }
 }
 
 fn faults(report: &Report) -> &FaultsInjected {
@@ -60,10 +78,15 @@ fn assert_server_counted(server: &RunningServer, report: &Report, workload_event
     let c = server.counters();
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let f = faults(report);
-    let deadline = Instant::now() + SETTLE;
-    while get(&c.events_delivered) < workload_events && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // The session is over once every event was delivered and the verified clients were
+    // closed at its end: every line of the source has been counted by then.
+    wait_until(
+        &format!("the server delivered {workload_events} events and ended the session"),
+        || {
+            get(&c.events_delivered) >= workload_events
+                && get(&c.clients_closed_session_end) >= report.clients
+        },
+    );
     let summary = c.summary();
     assert_eq!(
         get(&c.lines_unparseable),
@@ -102,7 +125,7 @@ fn harness_with_chaos_passes_and_the_server_counts_every_injected_line() {
             "50",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_eq!(report.events, 40_000);
     assert!(
@@ -152,7 +175,7 @@ fn chaos_with_crlf_and_ids_above_the_workload_passes() {
             "20",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_server_counted(&server, &report, 20_000);
     server.stop_and_wait().unwrap();
@@ -178,7 +201,7 @@ fn chaos_with_a_fanout_workload_passes() {
             "4000",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert_pass_with_every_fault(&report);
     assert_server_counted(&server, &report, 200 * 5 + 4000);
     server.stop_and_wait().unwrap();
@@ -206,7 +229,7 @@ fn chaos_faults_are_in_the_json_report_and_absent_without_chaos() {
             "10",
         ],
     );
-    let report = efr::load::run(&cfg).unwrap();
+    let report = efr_load::run(&cfg).unwrap();
     assert!(report.pass, "{}", report.summary());
     assert!(report.summary().contains("Faults injected"));
     let doc: serde_json::Value =
@@ -216,7 +239,7 @@ fn chaos_faults_are_in_the_json_report_and_absent_without_chaos() {
     assert_eq!(f["empty_lines"].as_u64(), Some(faults(&report).empty_lines));
     assert!(f["client_connects"].as_u64().unwrap() > 0);
 
-    let plain = efr::load::run(&config(
+    let plain = efr_load::run(&config(
         &server,
         &["harness", "--total-events", "2000", "--concurrency", "10"],
     ))

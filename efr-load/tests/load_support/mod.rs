@@ -1,15 +1,17 @@
-//! Helpers shared by efr-load's integration tests: the reference server and config builders.
+//! Helpers shared by efr-load's integration tests: the reference server, an efr-sharded
+//! process for `compare`, and config builders.
 #![allow(dead_code)]
 
+pub mod efr_stand_in;
 pub mod refserver;
 
 use clap::Parser;
-use efr::load::LoadConfig;
+use efr_load::LoadConfig;
 
 /// The recorded harness arrival order (a permutation of 1..=100000).
 pub const ARRIVAL_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/data/harness-arrival-order-100k.txt"
+    "/../tests/data/harness-arrival-order-100k.txt"
 );
 
 /// The command-line arguments that point efr-load at `server`, quiet, then `args`.

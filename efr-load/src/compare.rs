@@ -1,10 +1,11 @@
 //! `efr-load compare`: runs the same verified workload against several servers and the
 //! built-in ceiling, and writes the medians, the raw reports, SVG charts and a markdown table.
 //!
-//! For each workload and each server: pick two free ports (bind port 0, then release them),
-//! start `sh -c CMD` with `{event_port}` and `{client_port}` substituted, in its own process
-//! group, wait until both ports listen (read from /proc/net/tcp, so no probe connection is
-//! mistaken for an event source), run the workload `--runs` times with [`crate::load::run`],
+//! For each workload and each server: pick free ports (bind port 0, then release them),
+//! start `sh -c CMD` with `{event_port}`, `{client_port}` and `{metrics_port}` substituted, in
+//! its own process group, wait until the ports listen (read from /proc/net/tcp, so no probe
+//! connection is mistaken for an event source), run the workload `--runs` times with
+//! [`crate::run`] (waiting for the server's registration counter when it has a metrics port),
 //! then stop the group (SIGTERM, SIGKILL after `--stop-timeout-ms`). A sampler thread polls
 //! the group's processes for their peak RSS (VmHWM). The ceiling ([`super::ceiling`]) runs
 //! in-process, first for every workload, and every row is shown as a ratio to it.
@@ -23,24 +24,14 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 
-use super::ceiling::{CeilingStats, DEFAULT_LOOKAHEAD_BYTES};
-use super::config::{
-    FanoutArgs, HarnessArgs, LoadConfig, ProgressMode, WorkloadCmd, DEFAULT_TIMEOUT_MS,
-    FANOUT_BROADCAST_SHARE, FANOUT_FOLLOWS, FANOUT_STATUS_SHARE, FANOUT_USERS, FANOUT_ZIPF,
-    HARNESS_CONCURRENCY, HARNESS_MAX_BATCH, HARNESS_SEED,
-};
+use super::config::{LoadConfig, COMPARE_OUT_ROOT};
 use super::report::{self, Machine, Report};
+use super::rows::Verdict;
 
-/// Default runs per server and workload.
-pub const DEFAULT_RUNS: usize = 3;
-/// Default batches in flight of every run (see `--max-inflight-batches`).
-pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 4_096;
-/// Default time a server has to open both ports, ms.
-pub const DEFAULT_START_TIMEOUT_MS: u64 = 15_000;
-/// Default time between SIGTERM and SIGKILL, ms.
-pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 5_000;
-/// Default lookahead of the ceiling, MiB.
-pub const DEFAULT_CEILING_LOOKAHEAD_MIB: u64 = DEFAULT_LOOKAHEAD_BYTES >> 20;
+pub use super::config::CompareArgs;
+pub use super::rows::{Row, RunOutcome, CEILING_NAME};
+pub use super::workload_spec::{parse_workload, WorkloadSpec};
+
 /// How often the server's ports are checked while it starts.
 pub const PORT_POLL: Duration = Duration::from_millis(20);
 /// How often the server's process group is sampled for its RSS.
@@ -49,165 +40,72 @@ pub const RSS_POLL: Duration = Duration::from_millis(100);
 pub const EXIT_POLL: Duration = Duration::from_millis(10);
 /// Timeout of the ceiling's preparation of one run (precomputing the lookahead).
 pub const CEILING_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Name of the ceiling row.
-pub const CEILING_NAME: &str = "ceiling";
-/// Default output directory (a dated folder is added below it).
-pub const DEFAULT_OUT_ROOT: &str = "bench-results";
 /// Core counts of the default comparison (heap resequencer).
 pub const DEFAULT_CORES: [u32; 4] = [1, 2, 4, 8];
 /// Resequencers of the default comparison, and the cores they run on.
 pub const DEFAULT_RESEQUENCERS: [&str; 3] = ["heap", "stream", "batch"];
 /// Cores of the resequencer rows of the default comparison.
 pub const DEFAULT_RESEQUENCER_CORES: u32 = 2;
-/// Workloads of the default comparison.
-pub const DEFAULT_WORKLOADS: &str = "harness:1000000,harness:10000000,fanout:10000:20000";
-/// Events of a `fanout` spec without an event count.
-pub const DEFAULT_FANOUT_EVENTS: u64 = 20_000;
+/// Workloads of the default comparison: throughput (harness 1M and 10M, fanout to 10,000
+/// clients), latency without queueing (ping) and latency at a set pace (harness at 20,000
+/// events/s).
+pub const DEFAULT_WORKLOADS: &str =
+    "harness:1000000,harness:10000000,fanout:10000:20000,ping:3000,harness:200000@20000";
 /// Error messages kept per row.
 pub const MAX_ROW_ERRORS: usize = 3;
 /// Server log lines matched for the server's own order-violation counter (efr-sharded logs
 /// its counters at each session end).
 pub const ORDER_VIOLATIONS_KEY: &str = "order_violations=";
 
-/// `efr-load compare` flags.
-#[derive(Parser, Debug, Clone, Serialize)]
-#[command(
-    name = "efr-load compare",
-    about = "Run one verified workload against several servers and the built-in ceiling, \
-             and report medians, raw JSON, SVG charts and a markdown table."
-)]
-pub struct CompareArgs {
-    /// A server: NAME='CMD', run through `sh -c`; `{event_port}` and `{client_port}` are
-    /// replaced by free ports. Repeatable.
-    #[arg(long = "server", value_name = "NAME=CMD")]
-    pub servers: Vec<String>,
-    /// The default comparison: efr-sharded --cores 1, 2, 4, 8 (heap) and the heap, stream and
-    /// batch resequencers at --cores 2, on harness 1M, harness 10M and fanout 10k clients.
-    #[arg(long)]
-    pub default: bool,
-    /// Workloads, comma-separated: `harness:EVENTS` (100 clients) or
-    /// `fanout:CLIENTS[:EVENTS]` (100,000 users, Zipf follows).
-    #[arg(long, value_delimiter = ',')]
-    pub workloads: Vec<String>,
-    /// Runs per server and workload (the medians are reported).
-    #[arg(long, default_value_t = DEFAULT_RUNS)]
-    pub runs: usize,
-    /// Output directory. Default: bench-results/<UTC date>/.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// The efr-sharded binary of the default comparison. Default: next to efr-load.
-    #[arg(long)]
-    pub efr_sharded: Option<PathBuf>,
-    /// The efr-load binary that runs the ceiling (`efr-load null-server`). Default: this one.
-    #[arg(long)]
-    pub efr_load: Option<PathBuf>,
-    /// Time a server has to open both ports, ms.
-    #[arg(long, default_value_t = DEFAULT_START_TIMEOUT_MS, value_name = "MS")]
-    pub start_timeout_ms: u64,
-    /// Time between SIGTERM and SIGKILL when stopping a server, ms.
-    #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT_MS, value_name = "MS")]
-    pub stop_timeout_ms: u64,
-    /// Silence allowed while a client still expects lines, ms.
-    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_name = "MS")]
-    pub timeout: u64,
-    /// Batches in flight before efr-load's source waits for the clients. Higher than a single
-    /// run's default: the `batch` resequencer releases nothing before its buffer (65,536
-    /// events) is full, and 1,024 harness batches (about 51,000 events) would stall it until
-    /// `--timeout` instead of showing its order violations.
-    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT_BATCHES)]
-    pub max_inflight_batches: usize,
-    /// Client reader threads of efr-load (default as for a single run).
-    #[arg(long)]
-    pub readers: Option<usize>,
-    /// Output the ceiling precomputes ahead of the source, MiB.
-    #[arg(long, default_value_t = DEFAULT_CEILING_LOOKAHEAD_MIB, value_name = "MIB")]
-    pub ceiling_lookahead_mib: u64,
-    /// Progress of each run on stderr.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Off)]
-    pub progress: ProgressMode,
-    /// No line per run on stderr.
-    #[arg(long)]
-    pub quiet: bool,
-}
+/// Placeholder of a server command for its metrics port.
+pub const METRICS_PORT_PLACEHOLDER: &str = "{metrics_port}";
+/// Why the `batch` resequencer is wrong by design.
+pub const BATCH_IS_WRONG: &str = "the batch resequencer sorts fixed buffers: wrong when disorder \
+crosses a buffer boundary (the original efr's, kept to show it)";
+/// Why the `batch` resequencer cannot run `ping`.
+pub const BATCH_CANNOT_PING: &str = "the batch resequencer holds every event until its \
+65,536-event buffer fills: one event at a time never arrives";
+/// The original efr's binary in `--peers-dir`.
+pub const EFR_GO: &str = "efr-go";
+/// fmaze's binary in `--peers-dir`.
+pub const FMAZE_GO: &str = "fmaze-go";
 
 /// A server to compare.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerSpec {
     /// Row name.
     pub name: String,
-    /// Shell command with `{event_port}` and `{client_port}`.
+    /// Shell command with `{event_port}`, `{client_port}` and optionally `{metrics_port}`.
     pub command: String,
+    /// Why the server is wrong by design, when it is.
+    pub expect_fail: Option<String>,
+    /// Workloads (by name: `harness`, `fanout`, `ping`, ...) the server cannot run, and why.
+    pub cannot_run: Vec<(String, String)>,
 }
 
-/// A workload to run.
-#[derive(Clone, Debug, Serialize)]
-pub struct WorkloadSpec {
-    /// Short label, e.g. `harness-1000000`.
-    pub label: String,
-    /// The spec as given.
-    pub spec: String,
-    /// The workload.
-    pub cmd: WorkloadCmd,
-}
+impl ServerSpec {
+    /// A server expected to pass everything.
+    pub fn new(name: impl Into<String>, command: impl Into<String>) -> ServerSpec {
+        ServerSpec {
+            name: name.into(),
+            command: command.into(),
+            expect_fail: None,
+            cannot_run: Vec::new(),
+        }
+    }
 
-/// One run's outcome.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunOutcome {
-    /// 1-based run number.
-    pub run: usize,
-    /// The report, when the run could be made.
-    pub report: Option<Report>,
-    /// Why the run could not be made.
-    pub error: Option<String>,
-    /// The raw JSON file, relative to the output directory.
-    pub json: Option<String>,
-}
+    /// True when the command exposes metrics at `{metrics_port}`.
+    pub fn has_metrics(&self) -> bool {
+        self.command.contains(METRICS_PORT_PLACEHOLDER)
+    }
 
-/// One row: a server on a workload, medians over its runs.
-#[derive(Clone, Debug, Serialize)]
-pub struct Row {
-    /// Workload label.
-    pub workload: String,
-    /// Server name.
-    pub server: String,
-    /// The command (ports substituted), or `built-in` for the ceiling.
-    pub command: String,
-    /// Every run passed verification.
-    pub pass: bool,
-    /// Runs that passed.
-    pub runs_passed: usize,
-    /// Runs made.
-    pub runs: usize,
-    /// Median events/s over the runs that produced a report.
-    pub events_per_s: Option<f64>,
-    /// Median notifications/s.
-    pub notifications_per_s: Option<f64>,
-    /// Median notifications per run.
-    pub notifications: Option<u64>,
-    /// Median wall time, s.
-    pub wall_s: Option<f64>,
-    /// Median p50 latency, us.
-    pub p50_us: Option<f64>,
-    /// Median p99 latency, us.
-    pub p99_us: Option<f64>,
-    /// Median p99.9 latency, us.
-    pub p999_us: Option<f64>,
-    /// Peak RSS of the server's process group (sum of each process's VmHWM), bytes.
-    pub peak_rss_bytes: Option<u64>,
-    /// Notifications/s as a share of the ceiling's on the same workload.
-    pub ratio_to_ceiling: Option<f64>,
-    /// Verification errors over all runs (efr-load counts at most one per client).
-    pub error_count: u64,
-    /// The server's own order-violation counter from its log (efr-sharded), all runs.
-    pub server_order_violations: Option<u64>,
-    /// The first error messages.
-    pub errors: Vec<String>,
-    /// What the ceiling precomputed (ceiling rows only).
-    pub ceiling: Option<CeilingStats>,
-    /// Every run.
-    pub run_outcomes: Vec<RunOutcome>,
-    /// The server's log, relative to the output directory.
-    pub log: Option<String>,
+    /// Why the server cannot run `w`, if it cannot.
+    pub fn cannot_run(&self, w: &WorkloadSpec) -> Option<&str> {
+        self.cannot_run
+            .iter()
+            .find(|(name, _)| name == w.cmd.name())
+            .map(|(_, why)| why.as_str())
+    }
 }
 
 /// The whole comparison.
@@ -237,24 +135,25 @@ pub struct Summary {
     pub profile: &'static str,
     /// The charts, relative to the output directory.
     pub charts: Vec<String>,
+    /// Notes on the comparison (peers not found, ...).
+    pub notes: Vec<String>,
 }
 
-/// Entry of `efr-load compare ARGS...` (`args` starts with the program name). Returns the
-/// process exit status.
-pub fn main_from_args(args: Vec<String>) -> i32 {
-    let parsed = match CompareArgs::try_parse_from(&args) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { super::EXIT_USAGE } else { 0 };
-        }
-    };
-    let command = args.join(" ");
-    match compare(&parsed, &command) {
+impl Summary {
+    /// True when every row behaved as designed (rows wrong by design may fail).
+    pub fn as_designed(&self) -> bool {
+        self.rows.iter().all(Row::as_designed)
+    }
+}
+
+/// `efr-load compare`: runs, prints the table, returns the exit status (0 when every row
+/// behaved as designed, 1 otherwise, 2 when the comparison could not be made).
+pub fn main(args: &CompareArgs, command_line: &str) -> i32 {
+    match compare(args, command_line) {
         Ok((summary, dir)) => {
             print!("{}", markdown(&summary));
             println!("\nWritten to {}", dir.display());
-            if summary.rows.iter().all(|r| r.pass) {
+            if summary.as_designed() {
                 0
             } else {
                 super::EXIT_FAIL
@@ -265,58 +164,6 @@ pub fn main_from_args(args: Vec<String>) -> i32 {
             super::EXIT_USAGE
         }
     }
-}
-
-/// Parses a workload spec.
-pub fn parse_workload(spec: &str) -> anyhow::Result<WorkloadSpec> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let num = |s: &str| -> anyhow::Result<u64> {
-        s.replace('_', "")
-            .parse()
-            .with_context(|| format!("bad number {s:?} in workload {spec:?}"))
-    };
-    let (label, cmd) = match parts.as_slice() {
-        ["harness", n] => {
-            let total_events = num(n)?;
-            (
-                format!("harness-{total_events}"),
-                WorkloadCmd::Harness(HarnessArgs {
-                    total_events,
-                    concurrency: HARNESS_CONCURRENCY,
-                    users: None,
-                    seed: HARNESS_SEED,
-                    max_batch: HARNESS_MAX_BATCH,
-                }),
-            )
-        }
-        ["fanout", c] | ["fanout", c, _] => {
-            let clients = num(c)?;
-            let events = match parts.get(2) {
-                Some(e) => num(e)?,
-                None => DEFAULT_FANOUT_EVENTS,
-            };
-            (
-                format!("fanout-{clients}c-{events}"),
-                WorkloadCmd::Fanout(FanoutArgs {
-                    users: FANOUT_USERS.max(clients),
-                    clients,
-                    follows: FANOUT_FOLLOWS,
-                    zipf: FANOUT_ZIPF,
-                    events,
-                    status_share: FANOUT_STATUS_SHARE,
-                    broadcast_share: FANOUT_BROADCAST_SHARE,
-                    seed: HARNESS_SEED,
-                    max_batch: HARNESS_MAX_BATCH,
-                }),
-            )
-        }
-        _ => anyhow::bail!("workload {spec:?}: expected harness:EVENTS or fanout:CLIENTS[:EVENTS]"),
-    };
-    Ok(WorkloadSpec {
-        label,
-        spec: spec.to_string(),
-        cmd,
-    })
 }
 
 /// Parses `NAME=CMD`.
@@ -334,36 +181,93 @@ pub fn parse_server(spec: &str) -> anyhow::Result<ServerSpec> {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
         "--server {spec:?}: the name may hold letters, digits, '-', '_' and '.'"
     );
-    Ok(ServerSpec {
-        name: name.to_string(),
-        command: command.to_string(),
-    })
+    Ok(ServerSpec::new(name, command))
 }
 
-/// The servers of the default comparison, for the efr-sharded binary `bin`.
+/// The servers of the default comparison, for the efr-sharded binary `bin`. Each exposes its
+/// metrics, so every run waits for the server to register its clients.
 pub fn default_servers(bin: &Path) -> Vec<ServerSpec> {
     let base = format!(
-        "exec {} --event-port {{event_port}} --client-port {{client_port}}",
+        "exec {} --event-port {{event_port}} --client-port {{client_port}} \
+         --metrics-addr 127.0.0.1:{METRICS_PORT_PLACEHOLDER}",
         shell_quote(&bin.display().to_string())
     );
     let mut out = Vec::new();
     for cores in DEFAULT_CORES {
-        out.push(ServerSpec {
-            name: format!("sharded-c{cores}-heap"),
-            command: format!("{base} --cores {cores} --resequencer heap"),
-        });
+        out.push(ServerSpec::new(
+            format!("sharded-c{cores}-heap"),
+            format!("{base} --cores {cores} --resequencer heap"),
+        ));
     }
     for r in DEFAULT_RESEQUENCERS {
         let name = format!("sharded-c{DEFAULT_RESEQUENCER_CORES}-{r}");
         if out.iter().any(|s| s.name == name) {
             continue;
         }
-        out.push(ServerSpec {
+        let mut spec = ServerSpec::new(
             name,
-            command: format!("{base} --cores {DEFAULT_RESEQUENCER_CORES} --resequencer {r}"),
-        });
+            format!("{base} --cores {DEFAULT_RESEQUENCER_CORES} --resequencer {r}"),
+        );
+        if r == "batch" {
+            spec.expect_fail = Some(BATCH_IS_WRONG.into());
+            spec.cannot_run = vec![("ping".into(), BATCH_CANNOT_PING.into())];
+        }
+        out.push(spec);
     }
     out
+}
+
+/// The peers of the default comparison found in `dir` (the original efr and fmaze, see
+/// `peers/README.md`), and a note for each one missing. Neither exposes metrics: their runs
+/// wait `--settle-ms` before the source connects.
+pub fn peer_servers(dir: &Path) -> (Vec<ServerSpec>, Vec<String>) {
+    let mut servers = Vec::new();
+    let mut notes = Vec::new();
+    let found = |name: &str| {
+        let p = dir.join(name);
+        p.is_file().then(|| shell_quote(&p.display().to_string()))
+    };
+    match found(EFR_GO) {
+        Some(bin) => servers.push(ServerSpec::new(
+            EFR_GO,
+            format!(
+                "exec {bin} -eventSourcePort {{event_port}} -clientPort {{client_port}} \
+                 -maxProcs 2"
+            ),
+        )),
+        None => notes.push(format!(
+            "{EFR_GO} (the original efr) not found in {}: build the peers with \
+             `peers/build.sh DIR` and pass --peers-dir DIR",
+            dir.display()
+        )),
+    }
+    match found(FMAZE_GO) {
+        // A 1 ms flush: fmaze's default (10 s) holds buffered output that long.
+        Some(bin) => servers.push(ServerSpec::new(
+            FMAZE_GO,
+            format!(
+                "exec {bin} -event-source-listen 127.0.0.1:{{event_port}} \
+                 -clients-listen 127.0.0.1:{{client_port}} -flush-interval 1ms"
+            ),
+        )),
+        None => notes.push(format!(
+            "{FMAZE_GO} (fmaze) not found in {}: build the peers with `peers/build.sh DIR` \
+             and pass --peers-dir DIR",
+            dir.display()
+        )),
+    }
+    if !servers.is_empty() {
+        notes.push(
+            "Peers: efr-go runs with -maxProcs 2 and its defaults (stream resequencer, \
+             capacity 100); fmaze-go with -flush-interval 1ms (its default, 10 s, holds \
+             buffered output that long). Neither exposes metrics, so their runs wait \
+             --settle-ms for the clients to register. Neither could run a --chaos workload: \
+             fmaze closes the event source on any malformed, duplicate or out-of-window line, \
+             and efr-go keeps only the last connection of a user id."
+                .into(),
+        );
+    }
+    (servers, notes)
 }
 
 fn shell_quote(s: &str) -> String {
@@ -380,6 +284,7 @@ fn shell_quote(s: &str) -> String {
 pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, PathBuf)> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let mut servers: Vec<ServerSpec> = Vec::new();
+    let mut notes = Vec::new();
     if args.default {
         let bin = match &args.efr_sharded {
             Some(p) => p.clone(),
@@ -393,6 +298,9 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
             bin.display()
         );
         servers.extend(default_servers(&bin));
+        let (peers, peer_notes) = peer_servers(&args.peers_dir);
+        servers.extend(peers);
+        notes.extend(peer_notes);
     }
     for s in &args.servers {
         servers.push(parse_server(s)?);
@@ -400,6 +308,14 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
     let mut names = std::collections::HashSet::new();
     for s in &servers {
         anyhow::ensure!(names.insert(s.name.clone()), "two servers named {}", s.name);
+    }
+    for name in &args.expect_fail {
+        let s = servers
+            .iter_mut()
+            .find(|s| &s.name == name)
+            .with_context(|| format!("--expect-fail {name}: no server of that name"))?;
+        s.expect_fail
+            .get_or_insert_with(|| "marked with --expect-fail".into());
     }
     let specs: Vec<String> = if args.workloads.is_empty() {
         anyhow::ensure!(
@@ -418,7 +334,12 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
     let dir = args
         .out
         .clone()
-        .unwrap_or_else(|| Path::new(DEFAULT_OUT_ROOT).join(utc_date()));
+        .unwrap_or_else(|| Path::new(COMPARE_OUT_ROOT).join(utc_date()));
+    anyhow::ensure!(
+        args.force || !dir.exists(),
+        "{} already exists: pass --force to write into it, or --out for another folder",
+        dir.display()
+    );
     std::fs::create_dir_all(dir.join("raw"))
         .with_context(|| format!("creating {}", dir.display()))?;
     std::fs::create_dir_all(dir.join("logs"))?;
@@ -434,7 +355,13 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
         let ceiling_rate = row.notifications_per_s.filter(|_| row.pass);
         rows.push(row);
         for s in &servers {
+            if let Some(why) = s.cannot_run(w) {
+                note(args, &format!("{} {}: skipped: {why}", w.label, s.name));
+                rows.push(skipped_row(w, s, why));
+                continue;
+            }
             let mut row = run_server(args, w, s, &dir)?;
+            row.expect_fail = s.expect_fail.clone();
             row.ratio_to_ceiling = match (row.notifications_per_s, ceiling_rate) {
                 (Some(a), Some(c)) if c > 0.0 => Some(a / c),
                 _ => None,
@@ -442,7 +369,7 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
             rows.push(row);
         }
     }
-    let charts = super::chart::write_charts(&dir, &rows)?;
+    let charts = super::chart::write_charts(&dir, &workloads, &rows)?;
     let summary = Summary {
         command: command.to_string(),
         started_utc,
@@ -460,6 +387,7 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
             "release"
         },
         charts,
+        notes,
     };
     let text = serde_json::to_string_pretty(&summary)?;
     std::fs::write(dir.join("summary.json"), text + "\n")?;
@@ -468,24 +396,29 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
 }
 
 /// The load settings of one run against `event_port`/`client_port`.
-fn load_config(
-    args: &CompareArgs,
-    w: &WorkloadSpec,
-    event_port: u16,
-    client_port: u16,
-    json: PathBuf,
-) -> LoadConfig {
+fn load_config(args: &CompareArgs, w: &WorkloadSpec, ports: Ports, json: PathBuf) -> LoadConfig {
     let mut c = LoadConfig::parse_from(["efr-load"]);
     c.host = "127.0.0.1".into();
-    c.event_port = event_port;
-    c.client_port = client_port;
+    c.event_port = ports.event;
+    c.client_port = ports.client;
+    c.metrics_url = ports.metrics.map(|p| format!("127.0.0.1:{p}"));
     c.json = Some(json);
     c.timeout = args.timeout;
+    c.rate = w.rate;
     c.readers = args.readers;
     c.max_inflight_batches = args.max_inflight_batches;
     c.progress = args.progress;
-    c.workload = Some(w.cmd.clone());
+    c.set_workload(w.cmd.clone());
     c
+}
+
+/// A row for a server that cannot run a workload.
+fn skipped_row(w: &WorkloadSpec, s: &ServerSpec, why: &str) -> Row {
+    let mut row = make_row(w, &s.name, &s.command, Vec::new());
+    row.pass = false;
+    row.expect_fail = s.expect_fail.clone();
+    row.skipped = Some(why.to_string());
+    row
 }
 
 fn file_stem(workload: &str, server: &str) -> String {
@@ -504,11 +437,11 @@ fn one_run(
     w: &WorkloadSpec,
     server: &str,
     run: usize,
-    ports: (u16, u16),
+    ports: Ports,
     dir: &Path,
 ) -> RunOutcome {
     let rel = format!("raw/{}--run{run}.json", file_stem(&w.label, server));
-    let config = load_config(args, w, ports.0, ports.1, dir.join(&rel));
+    let config = load_config(args, w, ports, dir.join(&rel));
     let out = match super::run(&config) {
         Ok(report) => RunOutcome {
             run,
@@ -551,18 +484,18 @@ fn run_ceiling(args: &CompareArgs, w: &WorkloadSpec, dir: &Path) -> anyhow::Resu
     for f in [&ready, &stats] {
         let _ = std::fs::remove_file(f);
     }
-    let spec = ServerSpec {
-        name: CEILING_NAME.to_string(),
-        command: format!(
+    let spec = ServerSpec::new(
+        CEILING_NAME,
+        format!(
             "exec {} null-server --workload {} --lookahead-mib {} --ready-file {} \
-             --stats-file {} --event-port {{event_port}} --client-port {{client_port}}",
+             --stats-file {} --listen-event-port {{event_port}} --listen-client-port {{client_port}}",
             shell_quote(&exe.display().to_string()),
             shell_quote(&w.spec),
             args.ceiling_lookahead_mib,
             shell_quote(&ready.display().to_string()),
             shell_quote(&stats.display().to_string()),
         ),
-    };
+    );
     let is_ready = |run: usize| file_number(&ready) >= run as u64;
     let mut row = run_server_with(args, w, &spec, dir, &is_ready)?;
     row.ceiling = std::fs::read_to_string(&stats)
@@ -597,11 +530,14 @@ fn run_server_with(
     dir: &Path,
     is_ready: &dyn Fn(usize) -> bool,
 ) -> anyhow::Result<Row> {
-    let (event_port, client_port) = free_ports()?;
-    let command = spec
+    let ports = Ports::free(spec.has_metrics())?;
+    let mut command = spec
         .command
-        .replace("{event_port}", &event_port.to_string())
-        .replace("{client_port}", &client_port.to_string());
+        .replace("{event_port}", &ports.event.to_string())
+        .replace("{client_port}", &ports.client.to_string());
+    if let Some(m) = ports.metrics {
+        command = command.replace(METRICS_PORT_PLACEHOLDER, &m.to_string());
+    }
     let log_rel = format!("logs/{}.log", file_stem(&w.label, &spec.name));
     let log = std::fs::File::create(dir.join(&log_rel))?;
     note(
@@ -610,10 +546,7 @@ fn run_server_with(
     );
     let mut server = ServerProcess::spawn(&command, log)?;
     let mut outcomes = Vec::new();
-    let ready = server.wait_listening(
-        &[event_port, client_port],
-        Duration::from_millis(args.start_timeout_ms),
-    );
+    let ready = server.wait_listening(&ports.all(), Duration::from_millis(args.start_timeout_ms));
     match ready {
         Ok(()) => {
             for run in 1..=args.runs {
@@ -635,14 +568,7 @@ fn run_server_with(
                     });
                     continue;
                 }
-                outcomes.push(one_run(
-                    args,
-                    w,
-                    &spec.name,
-                    run,
-                    (event_port, client_port),
-                    dir,
-                ));
+                outcomes.push(one_run(args, w, &spec.name, run, ports, dir));
             }
         }
         Err(e) => {
@@ -715,6 +641,8 @@ fn make_row(w: &WorkloadSpec, server: &str, command: &str, outcomes: Vec<RunOutc
     errors.truncate(MAX_ROW_ERRORS);
     let runs_passed = reports.iter().filter(|r| r.pass).count();
     Row {
+        expect_fail: None,
+        skipped: None,
         workload: w.label.clone(),
         server: server.to_string(),
         command: command.to_string(),
@@ -739,11 +667,40 @@ fn make_row(w: &WorkloadSpec, server: &str, command: &str, outcomes: Vec<RunOutc
     }
 }
 
-/// Two free TCP ports on 127.0.0.1: bound to port 0 together, then released.
-pub fn free_ports() -> anyhow::Result<(u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0")?;
-    let b = TcpListener::bind("127.0.0.1:0")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+/// The ports of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    /// Event source port.
+    pub event: u16,
+    /// Client port.
+    pub client: u16,
+    /// Metrics port, when the server exposes metrics.
+    pub metrics: Option<u16>,
+}
+
+impl Ports {
+    /// Free TCP ports on 127.0.0.1 (a metrics port too when `metrics`): bound to port 0
+    /// together, then released.
+    pub fn free(metrics: bool) -> anyhow::Result<Ports> {
+        let a = TcpListener::bind("127.0.0.1:0")?;
+        let b = TcpListener::bind("127.0.0.1:0")?;
+        let c = TcpListener::bind("127.0.0.1:0")?;
+        Ok(Ports {
+            event: a.local_addr()?.port(),
+            client: b.local_addr()?.port(),
+            metrics: metrics
+                .then(|| c.local_addr().map(|a| a.port()))
+                .transpose()?,
+        })
+    }
+
+    /// Every port the server must listen on.
+    pub fn all(&self) -> Vec<u16> {
+        [Some(self.event), Some(self.client), self.metrics]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 /// A server started through `sh -c` in its own process group.
@@ -997,12 +954,35 @@ fn fmt_rate(v: Option<f64>) -> String {
     }
 }
 
-fn fmt_us(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v >= 1e6 => format!("{:.2} s", v / 1e6),
-        Some(v) if v >= 1e3 => format!("{:.1} ms", v / 1e3),
-        Some(v) => format!("{v:.0} us"),
+/// Latency in ms with enough digits to read a p50 of tens of microseconds.
+pub fn fmt_ms(us: Option<f64>) -> String {
+    match us {
+        Some(v) => crate::report::ms(v / 1e3),
         None => "n/a".into(),
+    }
+}
+
+/// The result cell of a row.
+fn result_cell(r: &Row) -> String {
+    let failed = || {
+        let mut t = format!(
+            "{}/{} passed, {} errors",
+            r.runs_passed, r.runs, r.error_count
+        );
+        if let Some(v) = r.server_order_violations.filter(|&v| v > 0) {
+            let _ = write!(t, ", {v} order violations");
+        }
+        t
+    };
+    match r.verdict() {
+        Verdict::Pass => format!("PASS {}/{}", r.runs_passed, r.runs),
+        Verdict::Fail => format!("FAIL {}", failed()),
+        Verdict::ExpectedFail => format!("expected FAIL {} (wrong by design)", failed()),
+        Verdict::KnownWrongPassed => format!(
+            "PASS {}/{} (wrong by design; this workload does not show it)",
+            r.runs_passed, r.runs
+        ),
+        Verdict::Skipped => format!("cannot run: {}", r.skipped.as_deref().unwrap_or("")),
     }
 }
 
@@ -1011,30 +991,19 @@ pub fn markdown(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Medians of {} run(s) per row; latency from the write of the batch that made an event \
-         deliverable to the read of its notification. Ratio: notifications/s over the ceiling's.\n",
+        "Medians of {} run(s) per row; latency (ms) from the write of the batch that made an \
+         event deliverable to the read of its notification. Ratio: notifications/s over the \
+         ceiling's.\n",
         s.runs
     );
     for w in &s.workloads {
-        let _ = writeln!(out, "### {}\n", w.label);
+        let _ = writeln!(out, "### {} ({})\n", w.label, w.latency_kind());
         let _ = writeln!(
             out,
-            "| server | result | events/s | notifications/s | p50 | p99 | p99.9 | peak RSS | ratio to ceiling |"
+            "| server | result | events/s | notifications/s | p50 ms | p99 ms | p99.9 ms | peak RSS | ratio to ceiling |"
         );
         let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in s.rows.iter().filter(|r| r.workload == w.label) {
-            let result = if r.pass {
-                format!("PASS {}/{}", r.runs_passed, r.runs)
-            } else {
-                let mut t = format!(
-                    "FAIL {}/{} passed, {} errors",
-                    r.runs_passed, r.runs, r.error_count
-                );
-                if let Some(v) = r.server_order_violations.filter(|&v| v > 0) {
-                    let _ = write!(t, ", {v} order violations");
-                }
-                t
-            };
             let rss = r
                 .peak_rss_bytes
                 .map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
@@ -1045,25 +1014,29 @@ pub fn markdown(s: &Summary) -> String {
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.server,
-                result,
+                result_cell(r),
                 fmt_rate(r.events_per_s),
                 fmt_rate(r.notifications_per_s),
-                fmt_us(r.p50_us),
-                fmt_us(r.p99_us),
-                fmt_us(r.p999_us),
+                fmt_ms(r.p50_us),
+                fmt_ms(r.p99_us),
+                fmt_ms(r.p999_us),
                 rss,
                 ratio
             );
         }
         let _ = writeln!(out);
-        for r in s.rows.iter().filter(|r| r.workload == w.label && !r.pass) {
+        let failed = |r: &&Row| r.workload == w.label && !r.pass && r.skipped.is_none();
+        for r in s.rows.iter().filter(failed) {
             for e in &r.errors {
                 let _ = writeln!(out, "- {} {}: {}", r.server, r.workload, e);
             }
         }
-        if s.rows.iter().any(|r| r.workload == w.label && !r.pass) {
+        if s.rows.iter().any(|r| failed(&r)) {
             let _ = writeln!(out);
         }
+    }
+    for n in &s.notes {
+        let _ = writeln!(out, "Note: {n}\n");
     }
     if !s.charts.is_empty() {
         let _ = writeln!(out, "Charts:\n");
@@ -1086,12 +1059,7 @@ mod tests {
     }
 
     #[test]
-    fn specs() {
-        let w = parse_workload("harness:1_000").unwrap();
-        assert_eq!(w.label, "harness-1000");
-        let w = parse_workload("fanout:50:200").unwrap();
-        assert_eq!(w.label, "fanout-50c-200");
-        assert!(parse_workload("bogus:1").is_err());
+    fn servers() {
         let s = parse_server("a=echo {event_port}").unwrap();
         assert_eq!(
             (s.name.as_str(), s.command.as_str()),
@@ -1109,6 +1077,9 @@ mod tests {
                 assert!(s
                     .command
                     .starts_with("exec /x/efr-sharded --event-port {event_port}"));
+                assert!(s
+                    .command
+                    .contains("--metrics-addr 127.0.0.1:{metrics_port}"));
                 s.name
             })
             .collect();
@@ -1130,8 +1101,31 @@ mod tests {
             .collect();
         assert_eq!(
             w,
-            ["harness-1000000", "harness-10000000", "fanout-10000c-20000"]
+            [
+                "harness-1000000",
+                "harness-10000000",
+                "fanout-10000c-20000",
+                "ping-3000",
+                "harness-200000-at-20000"
+            ]
         );
+        let servers = default_servers(Path::new("/x/efr-sharded"));
+        for s in &servers {
+            assert!(s.has_metrics(), "{}", s.command);
+            let wrong = s.name.ends_with("-batch");
+            assert_eq!(s.expect_fail.is_some(), wrong, "{}", s.name);
+            let ping = parse_workload("ping:1").unwrap();
+            assert_eq!(s.cannot_run(&ping).is_some(), wrong, "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn missing_peers_are_a_note_not_a_row() {
+        let dir = std::env::temp_dir().join(format!("efr-no-peers-{}", std::process::id()));
+        let (servers, notes) = peer_servers(&dir);
+        assert!(servers.is_empty());
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].contains("efr-go") && notes[1].contains("fmaze-go"));
     }
 
     #[test]
