@@ -158,6 +158,12 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("| ceiling | PASS 1/1 |") && md.contains("| sharded | PASS 1/1 |"));
     assert!(md.contains("p50 ms") && md.contains("### ping-200 (round trip"));
+    // The charts can be redrawn from summary.json alone.
+    let chart = out.join("latency-harness-5000.svg");
+    std::fs::remove_file(&chart).unwrap();
+    let redrawn = efr_load::compare::redraw_charts(&out).unwrap();
+    assert_eq!(redrawn, summary.charts);
+    assert_eq!(std::fs::read_to_string(&chart).unwrap(), unpaced);
     let _ = std::fs::remove_dir_all(&out);
 }
 
