@@ -24,7 +24,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 
-use super::config::{LoadConfig, COMPARE_OUT_ROOT};
+use super::config::{LoadConfig, COMPARE_OUT_ROOT, DEFAULT_SETTLE_MS};
 use super::report::{self, Machine, Report};
 use super::rows::Verdict;
 
@@ -62,6 +62,24 @@ pub const METRICS_PORT_PLACEHOLDER: &str = "{metrics_port}";
 /// Why the `batch` resequencer is wrong by design.
 pub const BATCH_IS_WRONG: &str = "the batch resequencer sorts fixed buffers: wrong when disorder \
 crosses a buffer boundary (the original efr's, kept to show it)";
+/// Settle per client for the peers, which expose no registration count, microseconds: the
+/// default 50 us was measured too short for fmaze taking 10,000 ids in on this loaded 2-core
+/// machine (clients registered after the first 2,000 events and missed them).
+pub const PEER_SETTLE_PER_CLIENT_US: u64 = 500;
+/// Why efr-go cannot run `fanout` in compare (measured on this 2-core machine).
+pub const EFR_GO_CANNOT_FANOUT: &str = "efr-go writes one notification per write from one \
+dispatcher: fanout to 10,000 clients (26 M notifications) took 510 s here and left clients \
+silent for more than the 20 s client timeout";
+/// Why fmaze fails some workloads (both measured on this 2-core machine).
+pub const FMAZE_DROPS_AT_SOURCE_CLOSE: &str = "fmaze loses notifications: it resets at source \
+close, closing its clients without writing what is still queued for them (PROTOCOL.md \
+section 4 asks for it; unpaced harness 20,000 lost its tail), and on fanout to 10,000 clients \
+clients miss notifications mid-stream even after a 5 s registration pause (cause not \
+investigated)";
+/// Why fmaze write-through cannot run `fanout` in compare (measured on this 2-core machine).
+pub const FMAZE_WT_CANNOT_FANOUT: &str = "fmaze write-through makes one write per \
+notification: fanout to 10,000 clients (26 M notifications) took 490 s here and left clients \
+silent for more than the 20 s client timeout";
 /// Why the `batch` resequencer cannot run `ping`.
 pub const BATCH_CANNOT_PING: &str = "the batch resequencer holds every event until its \
 65,536-event buffer fills: one event at a time never arrives";
@@ -71,10 +89,6 @@ pub const EFR_GO: &str = "efr-go";
 pub const FMAZE_GO: &str = "fmaze-go";
 /// The row of fmaze with write-through output (`-write-buffer 0`).
 pub const FMAZE_GO_WRITE_THROUGH: &str = "fmaze-go-wt";
-/// Why fmaze fails some workloads by design (measured: unpaced harness runs lose the tail).
-pub const FMAZE_DROPS_AT_SOURCE_CLOSE: &str = "fmaze resets at source close: it closes its \
-clients without writing the notifications still queued for them (PROTOCOL.md section 4 asks \
-for them), so a run whose source finishes ahead of the clients loses its tail";
 
 /// A server to compare.
 #[derive(Clone, Debug, Serialize)]
@@ -87,6 +101,9 @@ pub struct ServerSpec {
     pub expect_fail: Option<String>,
     /// Workloads (by name: `harness`, `fanout`, `ping`, ...) the server cannot run, and why.
     pub cannot_run: Vec<(String, String)>,
+    /// For a server without metrics: the settle pause per connected client, microseconds
+    /// (efr-load's default when `None`).
+    pub settle_per_client_us: Option<u64>,
 }
 
 impl ServerSpec {
@@ -97,6 +114,7 @@ impl ServerSpec {
             command: command.into(),
             expect_fail: None,
             cannot_run: Vec::new(),
+            settle_per_client_us: None,
         }
     }
 
@@ -274,13 +292,18 @@ pub fn peer_servers(dir: &Path) -> (Vec<ServerSpec>, Vec<String>) {
         p.is_file().then(|| shell_quote(&p.display().to_string()))
     };
     match found(EFR_GO) {
-        Some(bin) => servers.push(ServerSpec::new(
-            EFR_GO,
-            format!(
-                "exec {bin} -eventSourcePort {{event_port}} -clientPort {{client_port}} \
-                 -maxProcs 2"
-            ),
-        )),
+        Some(bin) => {
+            let mut spec = ServerSpec::new(
+                EFR_GO,
+                format!(
+                    "exec {bin} -eventSourcePort {{event_port}} -clientPort {{client_port}} \
+                     -maxProcs 2"
+                ),
+            );
+            spec.cannot_run = vec![("fanout".into(), EFR_GO_CANNOT_FANOUT.into())];
+            spec.settle_per_client_us = Some(PEER_SETTLE_PER_CLIENT_US);
+            servers.push(spec);
+        }
         None => notes.push(format!(
             "{EFR_GO} (the original efr) not found in {}: build the peers with \
              `peers/build.sh DIR` and pass --peers-dir DIR",
@@ -301,6 +324,10 @@ pub fn peer_servers(dir: &Path) -> (Vec<ServerSpec>, Vec<String>) {
             ] {
                 let mut spec = ServerSpec::new(name, format!("{base} {flags}"));
                 spec.expect_fail = Some(FMAZE_DROPS_AT_SOURCE_CLOSE.into());
+                spec.settle_per_client_us = Some(PEER_SETTLE_PER_CLIENT_US);
+                if name == FMAZE_GO_WRITE_THROUGH {
+                    spec.cannot_run = vec![("fanout".into(), FMAZE_WT_CANNOT_FANOUT.into())];
+                }
                 servers.push(spec);
             }
         }
@@ -315,8 +342,8 @@ pub fn peer_servers(dir: &Path) -> (Vec<ServerSpec>, Vec<String>) {
             "Peers: efr-go runs with -maxProcs 2 and its defaults (stream resequencer, \
              capacity 100); fmaze-go with -flush-interval 1ms (its default, 10 s, holds \
              buffered output that long), fmaze-go-wt with -write-buffer 0 (write-through). \
-             Neither exposes metrics, so their runs wait --settle-ms for the clients to \
-             register. Neither could run a --chaos workload: fmaze closes the event source on \
+             Neither exposes metrics, so their runs wait a fixed pause for the clients to \
+             register (100 ms + 500 us per client). Neither could run a --chaos workload: fmaze closes the event source on \
              any malformed, duplicate or out-of-window line, and efr-go keeps only the last \
              connection of a user id."
                 .into(),
@@ -451,8 +478,17 @@ pub fn compare(args: &CompareArgs, command: &str) -> anyhow::Result<(Summary, Pa
 }
 
 /// The load settings of one run against `event_port`/`client_port`.
-fn load_config(args: &CompareArgs, w: &WorkloadSpec, ports: Ports, json: PathBuf) -> LoadConfig {
+fn load_config(
+    args: &CompareArgs,
+    w: &WorkloadSpec,
+    spec: &ServerSpec,
+    ports: Ports,
+    json: PathBuf,
+) -> LoadConfig {
     let mut c = LoadConfig::parse_from(["efr-load"]);
+    c.settle_ms = spec
+        .settle_per_client_us
+        .map(|us| DEFAULT_SETTLE_MS + w.clients() * us / 1000);
     c.host = "127.0.0.1".into();
     c.event_port = ports.event;
     c.client_port = ports.client;
@@ -490,13 +526,14 @@ fn note(args: &CompareArgs, msg: &str) {
 fn one_run(
     args: &CompareArgs,
     w: &WorkloadSpec,
-    server: &str,
+    spec: &ServerSpec,
     run: usize,
     ports: Ports,
     dir: &Path,
 ) -> RunOutcome {
+    let server = spec.name.as_str();
     let rel = format!("raw/{}--run{run}.json", file_stem(&w.label, server));
-    let config = load_config(args, w, ports, dir.join(&rel));
+    let config = load_config(args, w, spec, ports, dir.join(&rel));
     let out = match super::run(&config) {
         Ok(report) => RunOutcome {
             run,
@@ -623,7 +660,7 @@ fn run_server_with(
                     });
                     continue;
                 }
-                outcomes.push(one_run(args, w, &spec.name, run, ports, dir));
+                outcomes.push(one_run(args, w, spec, run, ports, dir));
             }
         }
         Err(e) => {
@@ -1192,6 +1229,29 @@ mod tests {
         assert!(servers.is_empty());
         assert_eq!(notes.len(), 2);
         assert!(notes[0].contains("efr-go") && notes[1].contains("fmaze-go"));
+    }
+
+    #[test]
+    fn peers_found_get_their_rows_limits_and_a_longer_settle() {
+        let dir = std::env::temp_dir().join(format!("efr-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [EFR_GO, FMAZE_GO] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let (servers, notes) = peer_servers(&dir);
+        let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, [EFR_GO, FMAZE_GO, FMAZE_GO_WRITE_THROUGH]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let fanout = parse_workload("fanout:10:10").unwrap();
+        assert!(servers[0].cannot_run(&fanout).is_some());
+        assert!(servers[1].cannot_run(&fanout).is_none());
+        assert!(servers[2].cannot_run(&fanout).is_some());
+        assert!(servers[1].expect_fail.is_some() && servers[2].expect_fail.is_some());
+        for s in &servers {
+            assert!(!s.has_metrics());
+            assert_eq!(s.settle_per_client_us, Some(PEER_SETTLE_PER_CLIENT_US));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
