@@ -14,12 +14,14 @@ pub mod batch;
 pub mod channel;
 pub mod client;
 pub mod config;
+pub mod limits;
 pub mod line;
 pub mod listener;
 /// efr-load: the load generator and verifier (independent of the server's code).
 pub mod load;
 pub mod metrics;
 pub mod notify;
+pub mod output_budget;
 pub mod protocol;
 pub mod resequencer;
 pub mod router;

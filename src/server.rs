@@ -102,6 +102,7 @@ impl RunningServer {
 
 /// Binds the listeners and starts the executors.
 pub fn start(config: Config) -> std::io::Result<RunningServer> {
+    let open_file_limit = crate::limits::raise_and_log_open_file_limit();
     let event_listener = listener::bind(config.event_addr)?;
     let client_listener = listener::bind(config.client_addr)?;
     let event_addr = event_listener.local_addr()?;
@@ -121,6 +122,10 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         counters: Counters::default(),
         faults: FaultLog::default(),
     });
+    Counters::add(
+        &shared.counters.open_file_limit,
+        open_file_limit.unwrap_or(0),
+    );
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
         .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
         .unzip();
@@ -133,12 +138,14 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             event_listener,
             event_sender,
             stop_flag.clone(),
+            shared.clone(),
         )?,
         AcceptThread::spawn(
             "efr-accept-clients",
             client_listener,
             client_sender,
             stop_flag.clone(),
+            shared.clone(),
         )?,
     ];
     let metrics_receiver = match metrics_listener {
@@ -149,6 +156,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                 listener,
                 sender,
                 stop_flag,
+                shared.clone(),
             )?);
             Some(receiver)
         }

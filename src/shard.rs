@@ -17,6 +17,7 @@ use crate::batch::OrderedBatch;
 use crate::channel;
 use crate::client::{self, ClientIo, CloseMode};
 use crate::notify::Notify;
+use crate::output_budget;
 use crate::router::{ClientId, Router};
 use crate::server::Shared;
 use crate::stats::{Counters, Fault};
@@ -71,7 +72,8 @@ pub struct ShardState {
 }
 
 impl ShardState {
-    fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
+    /// The I/O handle of a client, while its writer runs.
+    pub fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
         self.ios.borrow().get(client as usize).cloned().flatten()
     }
 
@@ -151,6 +153,7 @@ fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &
         });
         state.close_client(client, CloseMode::Abort);
     }
+    output_budget::enforce(state);
     let ios = state.ios.borrow();
     for &client in dirty.iter() {
         if let Some(Some(io)) = ios.get(client as usize) {
