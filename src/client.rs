@@ -224,7 +224,10 @@ pub async fn serve(
     }
     if live == 0 {
         state.writers_done.notify();
-        output_budget::release_freed_memory();
+        // At a stop the process is about to exit: trimming would only delay it.
+        if !config.stop.is_requested() {
+            output_budget::release_freed_memory();
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::resequencer::ResequencerKind;
+use crate::stop::StopRequest;
 
 /// Default TCP port of the event source.
 pub const DEFAULT_EVENT_PORT: u16 = 9090;
@@ -235,6 +236,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
+    /// The same flag, with the moment it was raised (the shutdown deadline counts from it).
+    pub stop: StopRequest,
 }
 
 impl Default for Config {
@@ -370,6 +373,7 @@ impl Args {
         if self.stats_interval == Some(0) {
             return Err(ConfigError("--stats-interval must be positive".into()));
         }
+        let shutdown = Arc::new(AtomicBool::new(false));
         Ok(Config {
             cores,
             event_addr: std::net::SocketAddr::new(self.bind, self.event_port),
@@ -395,7 +399,8 @@ impl Args {
             io_memory: self.io_memory_kib * 1024,
             stats_interval: self.stats_interval.map(Duration::from_secs),
             metrics_addr: self.metrics_addr,
-            shutdown: Arc::new(AtomicBool::new(false)),
+            shutdown: shutdown.clone(),
+            stop: StopRequest::new(shutdown),
         })
     }
 }

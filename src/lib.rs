@@ -29,3 +29,4 @@ pub mod sequencer;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod stop;

@@ -8,8 +8,10 @@
 //! shard receives every batch, so the shards holding the memory act at their next turn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::client::CloseMode;
+use crate::server::Shared;
 use crate::shard::ShardState;
 use crate::stats::{Counters, Fault};
 
@@ -57,6 +59,35 @@ pub fn enforce(state: &ShardState) {
         state.router.borrow_mut().discard_output(client);
         publish(state);
     }
+}
+
+/// Pending output the system takes back per second when the process frees it and exits
+/// (measured here: 1 GB resident took about 0.2 s, 2.7 GB about 0.36 s, from the end of the
+/// drain to the exit).
+pub const RELEASE_BYTES_PER_SECOND: u64 = 4_000_000_000;
+
+/// How long a shard may still write out pending output at shutdown: until the shutdown
+/// deadline (`--shutdown-timeout-ms` from the stop request) minus the time it will take to give
+/// the pending output's memory back, so that the process exits by the deadline. Output only
+/// shrinks once the shards are stopping, so the margin taken now covers the end.
+pub fn drain_time(shared: &Shared) -> Duration {
+    let timeout = shared.config.shutdown_timeout;
+    shared.config.stop.stamp();
+    let elapsed = shared.config.stop.elapsed().unwrap_or_default();
+    let pending = shared.counters.output_pending_bytes.load(Ordering::Relaxed);
+    let margin =
+        Duration::from_secs_f64(pending as f64 / RELEASE_BYTES_PER_SECOND as f64).min(timeout / 2);
+    timeout.saturating_sub(elapsed + margin)
+}
+
+/// Whether a stop was requested and its shutdown deadline has passed: queued batches are then
+/// dropped instead of applied, so a shard with a long queue still exits in time.
+pub fn past_shutdown_deadline(shared: &Shared) -> bool {
+    shared
+        .config
+        .stop
+        .elapsed()
+        .is_some_and(|elapsed| elapsed >= shared.config.shutdown_timeout)
 }
 
 /// Gives the memory of freed buffers back to the system. Without it glibc keeps the freed

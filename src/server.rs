@@ -72,7 +72,7 @@ impl RunningServer {
 
     /// Asks the server to stop (as SIGTERM does).
     pub fn stop(&self) {
-        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+        self.shared.config.stop.request();
     }
 
     /// Waits until every executor has ended (after a stop), then ends the accept threads.
@@ -269,6 +269,7 @@ fn start_front(
         while !shared.config.shutdown.load(Ordering::SeqCst) {
             glommio::timer::sleep(STOP_POLL).await;
         }
+        shared.config.stop.stamp();
         tracing::info!("stopping: no new connections; writing out pending output");
         stop.set();
         while sequencer.session_active.get() {

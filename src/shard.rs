@@ -107,8 +107,13 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
         while let Some(command) = next.take() {
             match command {
                 ShardCommand::Batch(batch) => {
-                    state.router.borrow_mut().apply(&batch);
-                    Counters::add(&state.shared.counters.batches_applied, 1);
+                    if output_budget::past_shutdown_deadline(&state.shared) {
+                        // Its output could not be written before the exit anyway.
+                        Counters::add(&state.shared.counters.batches_dropped_at_shutdown, 1);
+                    } else {
+                        state.router.borrow_mut().apply(&batch);
+                        Counters::add(&state.shared.counters.batches_applied, 1);
+                    }
                 }
                 ShardCommand::Register { user, fd } => register(&state, user, fd),
                 ShardCommand::EndSession => {
@@ -129,7 +134,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
         after_commands(&state, &mut dirty, &mut over_backlog);
         reactor_pass().await;
     }
-    drain_writers(&state, shared.config.shutdown_timeout).await;
+    drain_writers(&state, output_budget::drain_time(&shared)).await;
 }
 
 /// Wakes the writers of clients with new output and closes clients over their backlog.

@@ -46,6 +46,7 @@ counters! {
     order_violations: "counter", "Releases of the batch resequencer not contiguous with the previous one.";
     batch_deliveries: "counter", "Ordered batches queued to shards (one per shard per batch).";
     batches_applied: "counter", "Ordered batches applied by shards (equal to batch_deliveries when shards are idle).";
+    batches_dropped_at_shutdown: "counter", "Ordered batches a shard dropped because the shutdown deadline had passed.";
     notifications: "counter", "Notifications appended to client output.";
     bytes_written: "counter", "Bytes written to clients.";
     clients_accepted: "counter", "Client connections accepted.";

@@ -205,3 +205,254 @@ fn a_client_that_half_closes_after_its_id_keeps_receiving() {
     assert_eq!(counter(&server, |c| &c.clients_closed_by_peer), 0);
     server.stop_and_wait().unwrap();
 }
+
+/// One HTTP exchange with the metrics endpoint: the status line and the whole answer.
+fn http(addr: std::net::SocketAddr, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    (status, answer)
+}
+
+fn with_metrics(config: Config) -> Config {
+    Config {
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..config
+    }
+}
+
+#[test]
+fn the_metrics_endpoint_answers_other_paths_404_and_other_methods_405() {
+    let server = start_server(with_metrics(two_shards()));
+    let addr = server.metrics_addr.unwrap();
+    let (status, answer) = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(answer.contains("\nefr_metrics_requests 1\n"), "{answer}");
+    let (status, _) = http(addr, "GET /admin HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, answer) = http(addr, "POST /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert!(answer.contains("Allow: GET, HEAD\r\n"));
+    let (status, answer) = http(addr, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(answer.ends_with("\r\n\r\n"), "no body for HEAD");
+    assert_eq!(counter(&server, |c| &c.metrics_bad_requests), 2);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn a_metrics_request_trickling_in_is_closed_at_the_whole_request_deadline() {
+    let config = Config {
+        metrics_request_timeout: Duration::from_millis(500),
+        ..with_metrics(two_shards())
+    };
+    let server = start_server(config);
+    let mut slow = TcpStream::connect(server.metrics_addr.unwrap()).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        .unwrap();
+    let mut trickle = slow.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // One byte every 100 ms: each read is quick, the whole request never completes.
+        for _ in 0..100 {
+            if trickle.write_all(b"a").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    wait_until_or(
+        "the trickling request is closed",
+        || counter(&server, |c| &c.metrics_timeouts) == 1,
+        || server.counters().summary(),
+    );
+    assert!(closed_by_server(&mut slow));
+    assert!(writer.join().unwrap(), "the server closed the connection");
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn metrics_connections_beyond_the_cap_are_closed_at_once() {
+    let config = Config {
+        metrics_max_connections: 4,
+        metrics_request_timeout: Duration::from_secs(60),
+        ..with_metrics(two_shards())
+    };
+    let server = start_server(config);
+    let addr = server.metrics_addr.unwrap();
+    let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut extra = TcpStream::connect(addr).unwrap();
+    assert!(closed_by_server(&mut extra));
+    assert_eq!(counter(&server, |c| &c.metrics_refused), 1);
+    drop(held);
+    // Once the held connections are gone, the endpoint answers again.
+    wait_until("a scrape is answered", || {
+        http(addr, "GET /metrics HTTP/1.0\r\n\r\n").0 == "HTTP/1.1 200 OK"
+    });
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn the_server_raises_its_open_file_limit_and_logs_it() {
+    fn lower_soft_limit() -> std::io::Result<()> {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit on our own struct, async-signal-safe.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 256.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        Ok(())
+    }
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into our struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) };
+    let mut server = ServerProcess::start(&[], Some(lower_soft_limit));
+    if hard.rlim_max > 256 {
+        assert!(
+            server.logged(&format!(
+                "open-file limit raised from 256 to {}",
+                hard.rlim_max
+            )),
+            "{:?}",
+            server.log.lock().unwrap()
+        );
+    }
+    server.terminate();
+    assert!(server.wait_exit().success());
+}
+
+#[test]
+fn the_event_with_seq_u64_max_is_delivered_and_ends_the_session_without_wrapping() {
+    let config = Config {
+        sequence_index: u64::MAX - 3,
+        ..two_shards()
+    };
+    let server = start_server(config);
+    let max = u64::MAX;
+    let client = Client::connect(server.client_addr, 1, "\n");
+    wait_registered(&server, 1);
+    let mut source = Source::connect(server.event_addr);
+    // Out of order, and followed by lines that must never be taken as seq 0 and on.
+    source.send_raw(
+        format!(
+            "{max}|P|2|1\n{}|B\n{}|P|3|1\n0|B\n1|P|4|1\n",
+            max - 2,
+            max - 1
+        )
+        .as_bytes(),
+    );
+    // The server ends the session by itself: the source is closed while still sending.
+    source.wait_closed();
+    let received = String::from_utf8(client.finish()).unwrap();
+    assert_eq!(
+        received,
+        format!("{}|B\n{}|P|3|1\n{max}|P|2|1\n", max - 2, max - 1)
+    );
+    assert_eq!(counter(&server, |c| &c.sessions_ended_at_max_seq), 1);
+    // The next session starts afresh.
+    let client = Client::connect(server.client_addr, 1, "\n");
+    wait_registered(&server, 2);
+    let mut source = Source::connect(server.event_addr);
+    source.send_raw(format!("{}|B\n", max - 2).as_bytes());
+    source.finish();
+    assert_eq!(
+        String::from_utf8(client.finish()).unwrap(),
+        format!("{}|B\n", max - 2)
+    );
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn waiting_events_over_the_byte_limit_are_dropped_like_beyond_the_window() {
+    let config = Config {
+        resequencer_max_bytes: 16_000,
+        ..two_shards()
+    };
+    let server = start_server(config);
+    let client = Client::connect(server.client_addr, 1, "\n");
+    wait_registered(&server, 1);
+    let mut source = Source::connect(server.event_addr);
+    // Behind the hole at seq 1: sixteen 1000-byte malformed lines fill the 16,000 bytes...
+    let mut text = String::new();
+    for seq in 2..=17u64 {
+        let line = format!("{seq}|X|");
+        text.push_str(&line);
+        text.push_str(&"a".repeat(1000 - line.len()));
+        text.push('\n');
+    }
+    // ...so these small events do not fit and are dropped.
+    for seq in 18..=30u64 {
+        text.push_str(&format!("{seq}|P|2|1\n"));
+    }
+    source.send_raw(text.as_bytes());
+    wait_until_or(
+        "the events over the byte limit are dropped",
+        || counter(&server, |c| &c.events_over_byte_limit) == 13,
+        || server.counters().summary(),
+    );
+    // The next expected event is always taken, and releases what waits.
+    source.send_raw(b"1|P|2|1\n");
+    wait_until("the waiting events are released", || {
+        counter(&server, |c| &c.events_delivered) == 17
+    });
+    source.send_raw(b"31|P|2|1\n");
+    source.finish();
+    assert_eq!(
+        String::from_utf8(client.finish()).unwrap(),
+        "1|P|2|1\n31|P|2|1\n"
+    );
+    assert_eq!(counter(&server, |c| &c.events_malformed), 16);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn shutdown_with_stalled_clients_and_busy_shards_holds_its_deadline() {
+    let mut server = ServerProcess::start(
+        &[
+            "--shutdown-timeout-ms",
+            "1000",
+            "--shard-queue-depth",
+            "1024",
+        ],
+        None,
+    );
+    let readers: Vec<Client> = (1..=40)
+        .map(|user| Client::connect(server.client_addr, user, "\n"))
+        .collect();
+    let _stalled: Vec<TcpStream> = (100..120)
+        .map(|user| stalled_client(server.client_addr, user))
+        .collect();
+    let mut users: Vec<u64> = (1..=40).collect();
+    users.extend(100..120);
+    let events = status_storm(&users, 2_000_000);
+    let mut source = TcpStream::connect(server.event_addr).unwrap();
+    let writer = std::thread::spawn(move || {
+        let text: String = events.iter().map(|line| format!("{line}\n")).collect();
+        let _ = source.write_all(text.as_bytes());
+    });
+    // Let the shards fall behind (1024 batches queued, stalled backlogs growing), then stop:
+    // the deadline counts from the signal, whatever is still queued.
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = std::time::Instant::now();
+    server.terminate();
+    assert!(server.wait_exit().success());
+    let took = stopped.elapsed();
+    // The deadline, and room for a debug build on a loaded machine (release builds exit
+    // within 100 ms of it; see bench-results/hostile.md).
+    assert!(
+        took < Duration::from_millis(1000 + 500),
+        "exit {took:?} after SIGTERM with a 1000 ms deadline"
+    );
+    drop(readers);
+    let _ = writer.join();
+}

@@ -468,3 +468,104 @@ pub fn closed_by_server(stream: &mut TcpStream) -> bool {
         }
     }
 }
+
+/// The real `efr-sharded` binary on ephemeral ports, its log lines collected.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub event_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    /// Starts the binary with `extra` flags; `before_exec` runs in the child before exec.
+    pub fn start(extra: &[&str], before_exec: Option<fn() -> std::io::Result<()>>) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_efr-sharded"));
+        command
+            .args(["--event-port", "0", "--client-port", "0", "--cores", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(hook) = before_exec {
+            // SAFETY: the hook only makes async-signal-safe system calls.
+            unsafe {
+                command.pre_exec(hook);
+            }
+        }
+        let mut child = command.spawn().expect("efr-sharded starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr_sender, addr_receiver) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.split("events on ").nth(1) {
+                        let field = |text: &str| -> SocketAddr {
+                            text.split(',').next().unwrap().trim().parse().unwrap()
+                        };
+                        let event = field(rest);
+                        let client = field(rest.split("clients on ").nth(1).unwrap());
+                        let _ = addr_sender.send((event, client));
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let (event_addr, client_addr) = addr_receiver
+            .recv_timeout(TEST_DEADLINE)
+            .expect("efr-sharded prints its ports");
+        ServerProcess {
+            child,
+            event_addr,
+            client_addr,
+            log,
+        }
+    }
+
+    /// Whether a log line contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the exit (at most the test deadline) and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + TEST_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "efr-sharded did not exit in time"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
