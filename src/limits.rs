@@ -1,4 +1,5 @@
-//! Process limits the server sets for itself at start: the open-file limit.
+//! Process settings the server makes for itself at start: the open-file limit, and how the
+//! allocator hands large buffers back.
 //!
 //! Every client, pending handshake and metrics connection is a descriptor, and most systems
 //! start a process with a soft limit of 1024 while allowing far more. The server raises its
@@ -71,6 +72,22 @@ pub fn raise_and_log_open_file_limit() -> Option<u64> {
         tracing::info!("open-file limit: {} (the hard limit)", limit.now);
     }
     Some(limit.now)
+}
+
+/// Buffers at least this large are mapped on their own and unmapped when freed. glibc
+/// otherwise raises this threshold as large buffers are freed (up to 32 MiB), after which
+/// backlogs grow on the heap and the pages of closed clients' buffers stay resident: measured
+/// here with 400 stalled clients and a 256 MiB output budget, peak RSS 655 MB with glibc's
+/// default, 375-430 MB with 256 KiB, 358 MB with 64 KiB.
+pub const MMAP_THRESHOLD: i32 = 64 << 10;
+
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], so the memory of a closed client's
+/// backlog goes back to the system at once.
+pub fn return_large_buffers_at_once() {
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
 }
 
 #[cfg(test)]

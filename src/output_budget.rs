@@ -3,9 +3,10 @@
 //! Each shard counts the capacity of its clients' output buffers (pending and handed to a
 //! writer) in its [`Router`](crate::router::Router) and adds the change to one shared gauge,
 //! `output_pending_bytes`, once per turn of its command loop and once per completed write,
-//! never per notification. When the gauge is over the budget, the shard that sees it closes
-//! its clients with the largest backlog first until the gauge is back under the budget; every
-//! shard receives every batch, so the shards holding the memory act at their next turn.
+//! never per notification. When the gauge is over the budget after a batch, a shard holding
+//! more than its share of the budget closes its clients with the largest backlog first until
+//! the gauge is back under the budget (or the shard under its share); every shard receives
+//! every batch, so the shards holding the memory act at their next batch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,11 +36,16 @@ pub fn enforce(state: &ShardState) {
     if gauge.load(Ordering::Relaxed) <= budget {
         return;
     }
+    // A shard within its share of the budget closes nobody: the shards over their share hold
+    // the largest backlogs (the sum is over the budget, so one of them is) and act at their
+    // next batch. Otherwise a well-behaved client of a light shard would pay for another
+    // shard's stalled clients.
+    let share = budget / shared.config.cores.max(1) as u64;
     let mut ranked = Vec::new();
     state.router.borrow().clients_by_backlog(&mut ranked);
     for (backlog, client) in ranked {
         let total = gauge.load(Ordering::Relaxed);
-        if total <= budget {
+        if total <= budget || state.router.borrow().output_memory() <= share {
             break;
         }
         let user = state.router.borrow().user_of(client);

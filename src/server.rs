@@ -103,6 +103,7 @@ impl RunningServer {
 /// Binds the listeners and starts the executors.
 pub fn start(config: Config) -> std::io::Result<RunningServer> {
     let open_file_limit = crate::limits::raise_and_log_open_file_limit();
+    crate::limits::return_large_buffers_at_once();
     let event_listener = listener::bind(config.event_addr)?;
     let client_listener = listener::bind(config.client_addr)?;
     let event_addr = event_listener.local_addr()?;

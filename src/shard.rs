@@ -113,6 +113,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
                     } else {
                         state.router.borrow_mut().apply(&batch);
                         Counters::add(&state.shared.counters.batches_applied, 1);
+                        output_budget::enforce(&state);
                     }
                 }
                 ShardCommand::Register { user, fd } => register(&state, user, fd),
