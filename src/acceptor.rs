@@ -1,10 +1,14 @@
-//! Accepting user clients: the connection limit, the id-line handshake with its deadline, and
-//! the hand-off of each identified connection to the shard that owns its user.
+//! Accepting user clients: the pool of connections waiting for their id line
+//! (`--max-handshakes`, the oldest closed to make room), the id-line handshake with its
+//! deadline, the limit of identified clients (`--max-clients`), and the hand-off of each
+//! identified connection to the shard that owns its user.
 //!
 //! The hand-off goes through the owner's command channel, so the moment a client counts as
 //! connected is one well-defined point of that shard's ordered stream: it receives exactly the
 //! notifications of the batches queued after its registration.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -16,7 +20,8 @@ use glommio::net::TcpStream;
 use crate::auth::IdRefusal;
 use crate::channel;
 use crate::listener;
-use crate::notify::Latch;
+use crate::notify::{Latch, Notify};
+use crate::output_budget;
 use crate::router::Ownership;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
@@ -45,53 +50,99 @@ enum Handshake {
     Closed,
 }
 
+/// Bytes of an id line read at a time: a u64 and its line end fit, so a waiting connection
+/// holds no buffer beyond its id.
+const ID_READ_CHUNK: usize = 64;
+
+/// After a burst of at least this many pending handshakes, the memory they used is given back
+/// to the system once none is pending.
+const HANDSHAKE_BURST_TRIM: usize = 256;
+
+/// The connections waiting for their id line, oldest first, each with the signal that closes
+/// it to make room (`--max-handshakes`).
+#[derive(Default)]
+struct PendingHandshakes {
+    next: u64,
+    waiting: BTreeMap<u64, Rc<Notify>>,
+    peak: usize,
+}
+
 /// Accepts clients until the stop signal.
 pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
+    let pending = Rc::new(RefCell::new(PendingHandshakes::default()));
     loop {
         let Some(stream) = listener::next_connection(&accepted, &acceptor.stop).await else {
             break;
         };
-        let counters = &acceptor.shared.counters;
+        let shared = &acceptor.shared;
+        let counters = &shared.counters;
         Counters::add(&counters.clients_accepted, 1);
-        let open = counters.clients_open.fetch_add(1, Ordering::Relaxed);
-        if open >= acceptor.shared.config.max_clients as u64 {
-            Counters::sub(&counters.clients_open, 1);
-            Counters::add(&counters.clients_refused_max, 1);
-            acceptor.shared.faults.warn(Fault::Refused, || {
-                format!(
-                    "refusing a client connection: --max-clients ({}) are open",
-                    acceptor.shared.config.max_clients
-                )
-            });
-            continue;
-        }
-        glommio::spawn_local(identify(stream, acceptor.clone(), ownership.clone())).detach();
+        let (id, evict) = {
+            let mut pending = pending.borrow_mut();
+            let max = shared.config.max_handshakes;
+            let mut evicted = 0;
+            while pending.waiting.len() >= max {
+                let Some((_, oldest)) = pending.waiting.pop_first() else {
+                    break;
+                };
+                oldest.notify();
+                evicted += 1;
+            }
+            if evicted > 0 {
+                Counters::add(&counters.handshakes_evicted, evicted);
+                shared.faults.warn(Fault::HandshakeEvicted, || {
+                    format!(
+                        "closing the oldest connection without an id line: --max-handshakes \
+                         ({max}) are waiting"
+                    )
+                });
+            }
+            let id = pending.next;
+            pending.next += 1;
+            let evict = Rc::new(Notify::default());
+            pending.waiting.insert(id, evict.clone());
+            pending.peak = pending.peak.max(pending.waiting.len());
+            (id, evict)
+        };
+        Counters::add(&counters.handshakes_open, 1);
+        let acceptor = acceptor.clone();
+        let ownership = ownership.clone();
+        let pending = pending.clone();
+        glommio::spawn_local(async move {
+            let handshake = handshake(stream, &acceptor.shared);
+            let outcome = futures_lite::future::or(handshake, async {
+                evict.wait().await;
+                None
+            })
+            .await;
+            Counters::sub(&acceptor.shared.counters.handshakes_open, 1);
+            {
+                let mut pending = pending.borrow_mut();
+                pending.waiting.remove(&id);
+                if pending.waiting.is_empty() && pending.peak >= HANDSHAKE_BURST_TRIM {
+                    pending.peak = 0;
+                    output_budget::release_freed_memory();
+                }
+            }
+            // `None`: evicted or TLS failed, counted where it happened.
+            if let Some((stream, outcome)) = outcome {
+                identified(stream, outcome, &acceptor, &ownership).await;
+            }
+        })
+        .detach();
     }
 }
 
-/// Reads the id line and hands the connection to its owner shard.
-async fn identify(stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<Ownership>) {
+/// Counts a failed handshake, or hands an identified connection to its owner shard.
+async fn identified(
+    stream: PeerStream,
+    outcome: Handshake,
+    acceptor: &Acceptor,
+    ownership: &Ownership,
+) {
     let shared = &acceptor.shared;
     let counters = &shared.counters;
-    let deadline = Instant::now() + shared.config.handshake_timeout;
-
-    let mut stream = match &shared.config.tls {
-        None => PeerStream::Plain(stream),
-        Some(tls) => match tls::accept_within(stream, tls.for_clients(), deadline).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                Counters::add(&counters.clients_tls_failed, 1);
-                shared.faults.warn(Fault::Tls, || {
-                    format!("closing a client: TLS handshake failed: {error}")
-                });
-                Counters::sub(&counters.clients_open, 1);
-                return;
-            }
-        },
-    };
-    let outcome = read_id(&mut stream, shared, deadline).await;
-
     let user = match outcome {
         Handshake::Identified(user) => user,
         failure => {
@@ -129,20 +180,33 @@ async fn identify(stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<Owner
                 }
                 _ => Counters::add(&counters.clients_closed_by_peer, 1),
             }
-            Counters::sub(&counters.clients_open, 1);
             return;
         }
     };
+    let open = counters.clients_open.fetch_add(1, Ordering::Relaxed);
+    if open >= shared.config.max_clients as u64 {
+        Counters::sub(&counters.clients_open, 1);
+        Counters::add(&counters.clients_refused_max, 1);
+        shared.faults.warn(Fault::Refused, || {
+            format!(
+                "refusing client of user {user}: --max-clients ({}) are connected",
+                shared.config.max_clients
+            )
+        });
+        return;
+    }
     // SAFETY: dup of a descriptor we own; the copy goes to the owner shard (with the TLS
     // session, if any), the original is closed when `socket` drops here.
     let (socket, tls) = stream.into_parts();
     let fd = unsafe { libc::dup(socket.as_raw_fd()) };
     drop(socket);
     if fd < 0 {
-        tracing::warn!(
-            "cannot hand over client of user {user}: {}",
-            std::io::Error::last_os_error()
-        );
+        shared.faults.warn(Fault::Accept, || {
+            format!(
+                "cannot hand over client of user {user}: {}",
+                std::io::Error::last_os_error()
+            )
+        });
         Counters::sub(&counters.clients_open, 1);
         return;
     }
@@ -159,17 +223,41 @@ async fn identify(stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<Owner
     }
 }
 
+/// The TLS handshake (if on) and the id line, within the handshake deadline; `None` when TLS
+/// failed (counted and logged here).
+async fn handshake(stream: TcpStream, shared: &Shared) -> Option<(PeerStream, Handshake)> {
+    let counters = &shared.counters;
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let mut stream = match &shared.config.tls {
+        None => PeerStream::Plain(stream),
+        Some(tls) => match tls::accept_within(stream, tls.for_clients(), deadline).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                Counters::add(&counters.clients_tls_failed, 1);
+                shared.faults.warn(Fault::Tls, || {
+                    format!("closing a client: TLS handshake failed: {error}")
+                });
+                return None;
+            }
+        },
+    };
+    let outcome = read_id(&mut stream, shared, deadline).await;
+    Some((stream, outcome))
+}
+
 async fn read_id(stream: &mut PeerStream, shared: &Shared, deadline: Instant) -> Handshake {
     let max_line = shared.config.max_line;
-    let mut line = vec![0u8; max_line + 2];
-    let mut filled = 0;
+    let limit = max_line + 2;
+    let mut chunk = [0u8; ID_READ_CHUNK];
+    let mut line: Vec<u8> = Vec::new();
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Handshake::TimedOut;
         }
         let _ = stream.socket().set_read_timeout(Some(remaining));
-        let n = match stream.read(&mut line[filled..]).await {
+        let room = (limit - line.len()).min(ID_READ_CHUNK);
+        let n = match stream.read(&mut chunk[..room]).await {
             Ok(0) => return Handshake::Closed,
             Ok(n) => n,
             Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
@@ -177,9 +265,9 @@ async fn read_id(stream: &mut PeerStream, shared: &Shared, deadline: Instant) ->
             }
             Err(_) => return Handshake::Closed,
         };
-        let search_from = filled;
-        filled += n;
-        if let Some(offset) = memchr::memchr(b'\n', &line[search_from..filled]) {
+        let search_from = line.len();
+        line.extend_from_slice(&chunk[..n]);
+        if let Some(offset) = memchr::memchr(b'\n', &line[search_from..]) {
             let mut id = &line[..search_from + offset];
             if let [rest @ .., b'\r'] = id {
                 id = rest;
@@ -213,7 +301,7 @@ async fn read_id(stream: &mut PeerStream, shared: &Shared, deadline: Instant) ->
                 }
             };
         }
-        if filled == line.len() {
+        if line.len() >= limit {
             return Handshake::TooLong;
         }
     }

@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::auth::{Cidr, ClientAuth, JwtVerifier};
 use crate::resequencer::ResequencerKind;
+use crate::stop::StopRequest;
 use crate::tls::{TlsConfigs, TlsPaths};
 
 /// Default TCP port of the event source.
@@ -31,8 +32,30 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// A client whose unsent output exceeds this many bytes is closed and counted (one slow reader
 /// never makes anyone else wait).
 pub const DEFAULT_MAX_CLIENT_BACKLOG: usize = 32 * 1024 * 1024;
-/// Connections beyond this many clients (identified or not) are closed at once and counted.
+/// Identified clients beyond this many are closed at once and counted.
 pub const DEFAULT_MAX_CLIENTS: usize = 16_384;
+/// Connections that have not sent their id line yet, at most. When the pool is full the oldest
+/// pending handshake is closed to make room, so idle connections can never keep an identifying
+/// client out.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 4_096;
+/// Upper bound of the default `--max-output-memory` (the default is a quarter of the physical
+/// memory, at most this).
+pub const MAX_DEFAULT_OUTPUT_MEMORY: u64 = 4 << 30;
+/// Default when the physical memory cannot be read.
+pub const FALLBACK_OUTPUT_MEMORY: u64 = 1 << 30;
+/// A client that accepts no byte for this long while output waits for it is closed and counted.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Bytes a client may send after its id line per second (read and discarded). Beyond it the
+/// server stops reading that client until the next slice of the budget, and TCP pushes back
+/// on it: a client that keeps sending costs its shard a bounded share.
+pub const DEFAULT_MAX_CLIENT_INPUT_RATE: u64 = 256 * 1024;
+/// Bytes the reorder window may hold in waiting events; events that would go over it are
+/// dropped and counted like events beyond the window.
+pub const DEFAULT_RESEQUENCER_MAX_BYTES: u64 = 256 << 20;
+/// Metrics connections open at once; more are closed at once and counted.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 16;
+/// A metrics request must arrive whole within this time, however slowly its bytes trickle.
+pub const DEFAULT_METRICS_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// On SIGINT/SIGTERM, pending output is written for at most this long before exit.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 /// Ordered batches in flight from the sequencer to one shard; when full, the sequencer stops
@@ -128,9 +151,34 @@ pub struct Args {
     /// Bytes of unsent output after which a client that does not read is closed.
     #[arg(long, env = "EFR_MAX_CLIENT_BACKLOG", default_value_t = DEFAULT_MAX_CLIENT_BACKLOG)]
     pub max_client_backlog: usize,
-    /// Most client connections at once; further ones are closed at once.
+    /// Most identified clients at once; further ones are closed at once.
     #[arg(long, env = "EFR_MAX_CLIENTS", default_value_t = DEFAULT_MAX_CLIENTS)]
     pub max_clients: usize,
+    /// Most connections waiting for their id line; when full, the oldest is closed.
+    #[arg(long, env = "EFR_MAX_HANDSHAKES", default_value_t = DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+    /// Pending output of all clients together (bytes, or with a KiB/MiB/GiB suffix); over it
+    /// the clients with the largest backlog are closed. Default: a quarter of the physical
+    /// memory, at most 4 GiB.
+    #[arg(long, env = "EFR_MAX_OUTPUT_MEMORY", value_parser = parse_bytes)]
+    pub max_output_memory: Option<u64>,
+    /// Milliseconds a client may accept no byte while output waits for it before it is closed.
+    #[arg(long, env = "EFR_WRITE_TIMEOUT_MS", default_value_t = DEFAULT_WRITE_TIMEOUT_MS)]
+    pub write_timeout_ms: u64,
+    /// Bytes per second read (and discarded) from a client after its id line; beyond it the
+    /// server stops reading that client for a while and TCP pushes back.
+    #[arg(long, env = "EFR_MAX_CLIENT_INPUT_RATE", value_parser = parse_bytes, default_value_t = DEFAULT_MAX_CLIENT_INPUT_RATE)]
+    pub max_client_input_rate: u64,
+    /// Bytes of waiting events the reorder window may hold (or a KiB/MiB/GiB suffix); events
+    /// over it are dropped like events beyond the window.
+    #[arg(long, env = "EFR_RESEQUENCER_MAX_BYTES", value_parser = parse_bytes, default_value_t = DEFAULT_RESEQUENCER_MAX_BYTES)]
+    pub resequencer_max_bytes: u64,
+    /// Metrics connections open at once; more are closed at once.
+    #[arg(long, env = "EFR_METRICS_MAX_CONNECTIONS", default_value_t = DEFAULT_METRICS_MAX_CONNECTIONS)]
+    pub metrics_max_connections: usize,
+    /// Milliseconds a metrics request has to arrive whole.
+    #[arg(long, env = "EFR_METRICS_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_METRICS_REQUEST_TIMEOUT_MS)]
+    pub metrics_request_timeout_ms: u64,
     /// Skip a hole in the sequence after this many milliseconds with later events waiting
     /// (off when absent: holes wait for the source to close).
     #[arg(long, env = "EFR_GAP_TIMEOUT_MS")]
@@ -248,8 +296,22 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Per-client unsent output limit.
     pub max_client_backlog: usize,
-    /// Connection limit.
+    /// Identified client limit.
     pub max_clients: usize,
+    /// Pending handshake limit (the oldest is closed to make room).
+    pub max_handshakes: usize,
+    /// Server-wide pending output budget, bytes.
+    pub max_output_memory: u64,
+    /// Write deadline: no byte accepted for this long closes the client (`None`: off).
+    pub write_timeout: Option<Duration>,
+    /// Bytes per second read from a client after its id line.
+    pub max_client_input_rate: u64,
+    /// Bytes of waiting events the resequencer may hold.
+    pub resequencer_max_bytes: u64,
+    /// Metrics connections at once.
+    pub metrics_max_connections: usize,
+    /// Whole-request deadline of the metrics endpoint.
+    pub metrics_request_timeout: Duration,
     /// Hole-skipping deadline, if any.
     pub gap_timeout: Option<Duration>,
     /// Drain deadline at shutdown.
@@ -276,6 +338,8 @@ pub struct Config {
     pub nats: NatsConfig,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
+    /// The same flag, with the moment it was raised (the shutdown deadline counts from it).
+    pub stop: StopRequest,
 }
 
 /// NATS settings of a cluster node.
@@ -332,6 +396,45 @@ pub fn cpu_count() -> usize {
         .unwrap_or(1)
 }
 
+/// The default `--max-output-memory`: a quarter of the physical memory, at most
+/// [`MAX_DEFAULT_OUTPUT_MEMORY`].
+pub fn default_output_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page_size <= 0 {
+        return FALLBACK_OUTPUT_MEMORY;
+    }
+    ((pages as u64).saturating_mul(page_size as u64) / 4).min(MAX_DEFAULT_OUTPUT_MEMORY)
+}
+
+/// A byte count: a plain number, or one with a binary suffix (`KiB`, `MiB`, `GiB`; `K`, `M`,
+/// `G` and `KB`, `MB`, `GB` mean the same).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("not a byte count: {text:?}"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("unknown unit in {text:?} (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("byte count too large: {text:?}"))
+}
+
 impl Args {
     /// Checks the flags and turns them into a [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
@@ -364,6 +467,28 @@ impl Args {
         }
         if self.max_clients == 0 {
             return Err(ConfigError("--max-clients must be positive".into()));
+        }
+        if self.max_handshakes == 0 {
+            return Err(ConfigError("--max-handshakes must be positive".into()));
+        }
+        if self.max_output_memory == Some(0) {
+            return Err(ConfigError("--max-output-memory must be positive".into()));
+        }
+        if self.max_client_input_rate == 0 {
+            return Err(ConfigError(
+                "--max-client-input-rate must be positive".into(),
+            ));
+        }
+        if self.resequencer_max_bytes == 0 {
+            return Err(ConfigError(
+                "--resequencer-max-bytes must be positive".into(),
+            ));
+        }
+        if self.metrics_max_connections == 0 || self.metrics_request_timeout_ms == 0 {
+            return Err(ConfigError(
+                "--metrics-max-connections and --metrics-request-timeout-ms must be positive"
+                    .into(),
+            ));
         }
         if self.gap_timeout_ms == Some(0) {
             return Err(ConfigError("--gap-timeout-ms must be positive".into()));
@@ -420,6 +545,7 @@ impl Args {
         if self.stats_interval == Some(0) {
             return Err(ConfigError("--stats-interval must be positive".into()));
         }
+        let shutdown = Arc::new(AtomicBool::new(false));
         Ok(Config {
             cores,
             event_addr: std::net::SocketAddr::new(self.bind, self.event_port),
@@ -431,6 +557,14 @@ impl Args {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_client_backlog: self.max_client_backlog,
             max_clients: self.max_clients,
+            max_handshakes: self.max_handshakes,
+            max_output_memory: self.max_output_memory.unwrap_or_else(default_output_memory),
+            write_timeout: (self.write_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.write_timeout_ms)),
+            max_client_input_rate: self.max_client_input_rate,
+            resequencer_max_bytes: self.resequencer_max_bytes,
+            metrics_max_connections: self.metrics_max_connections,
+            metrics_request_timeout: Duration::from_millis(self.metrics_request_timeout_ms),
             gap_timeout: self.gap_timeout_ms.map(Duration::from_millis),
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             shard_queue_depth: self.shard_queue_depth,
@@ -452,7 +586,8 @@ impl Args {
                 pull_messages: self.nats_pull_messages,
                 connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
             },
-            shutdown: Arc::new(AtomicBool::new(false)),
+            shutdown: shutdown.clone(),
+            stop: StopRequest::new(shutdown),
         })
     }
 }
@@ -472,6 +607,21 @@ mod tests {
         assert_eq!(config.handshake_timeout, Duration::from_secs(5));
         assert_eq!(config.resequencer, ResequencerKind::Heap);
         assert!(config.gap_timeout.is_none());
+        assert_eq!(config.max_handshakes, 4096);
+        assert_eq!(config.write_timeout, Some(Duration::from_secs(10)));
+        assert!(config.max_output_memory > 0 && config.max_output_memory <= 4 << 30);
+        assert_eq!(config.resequencer_max_bytes, 256 << 20);
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
     }
 
     #[test]

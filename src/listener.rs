@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::server::Shared;
+use crate::stats::{Counters, Fault};
+
 /// Accepted connections queued towards executor 0 before the accept thread waits.
 pub const ACCEPT_QUEUE_DEPTH: usize = 1024;
 
@@ -36,9 +39,11 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Pause after an accept error other than shutdown (e.g. out of file descriptors), so the
-/// thread does not spin.
+/// First pause after an accept error that is not shortage of descriptors; it doubles with
+/// each further error up to [`ACCEPT_ERROR_PAUSE_MAX`], so the thread never spins.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// Longest pause after repeated accept errors.
+const ACCEPT_ERROR_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// A running accept thread.
 pub struct AcceptThread {
@@ -46,29 +51,76 @@ pub struct AcceptThread {
     handle: JoinHandle<()>,
 }
 
+/// A descriptor kept open for the moment the process runs out: closing it frees one slot, so
+/// the accept thread can take the waiting connection and close it at once (the client sees a
+/// clean close instead of hanging in the backlog, and accept does not fail again and again).
+struct ReserveDescriptor(Option<OwnedFd>);
+
+impl ReserveDescriptor {
+    fn open() -> Self {
+        let file = std::fs::File::open("/dev/null").ok();
+        ReserveDescriptor(file.map(OwnedFd::from))
+    }
+}
+
 impl AcceptThread {
     /// Starts accepting on `listener`; connections go to `sender` until `stop` is set and
-    /// [`AcceptThread::interrupt`] is called.
+    /// [`AcceptThread::interrupt`] is called. Errors are counted and logged at most once a
+    /// second.
     pub fn spawn(
         name: &str,
         listener: TcpListener,
         sender: flume::Sender<OwnedFd>,
         stop: Arc<AtomicBool>,
+        shared: Arc<Shared>,
     ) -> std::io::Result<AcceptThread> {
         let fd = listener.as_raw_fd();
+        let what = name.to_string();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        if sender.send(OwnedFd::from(stream)).is_err() {
-                            break;
+            .spawn(move || {
+                let mut reserve = ReserveDescriptor::open();
+                let mut pause = ACCEPT_ERROR_PAUSE;
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            pause = ACCEPT_ERROR_PAUSE;
+                            if sender.send(OwnedFd::from(stream)).is_err() {
+                                break;
+                            }
                         }
-                    }
-                    Err(_) if stop.load(Ordering::SeqCst) => break,
-                    Err(error) => {
-                        tracing::warn!("accept failed: {error}");
-                        std::thread::sleep(ACCEPT_ERROR_PAUSE);
+                        Err(_) if stop.load(Ordering::SeqCst) => break,
+                        Err(error) => {
+                            let counters = &shared.counters;
+                            Counters::add(&counters.accept_errors, 1);
+                            let out_of_descriptors =
+                                matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                            if out_of_descriptors && reserve.0.take().is_some() {
+                                shared.faults.warn(Fault::Accept, || {
+                                    format!(
+                                        "{what}: accept failed: {error}; closing new \
+                                         connections at once until descriptors are free"
+                                    )
+                                });
+                                if let Ok((stream, _)) = listener.accept() {
+                                    Counters::add(&counters.connections_shed, 1);
+                                    drop(stream);
+                                }
+                                reserve = ReserveDescriptor::open();
+                                continue;
+                            }
+                            shared.faults.warn(Fault::Accept, || {
+                                format!(
+                                    "{what}: accept failed: {error}; pausing {} ms",
+                                    pause.as_millis()
+                                )
+                            });
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(ACCEPT_ERROR_PAUSE_MAX);
+                            if reserve.0.is_none() {
+                                reserve = ReserveDescriptor::open();
+                            }
+                        }
                     }
                 }
             })?;

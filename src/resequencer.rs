@@ -10,8 +10,15 @@
 //!
 //! `heap` and `stream` keep waiting events in a ring indexed by `seq % ring size`, which also
 //! finds duplicates in O(1); a slot keeps its payload buffer's capacity, so the steady state
-//! allocates nothing. The window (`--resequencer-capacity`) bounds what a source can make the
-//! server buffer: an event further than that beyond the next expected seq is rejected.
+//! allocates nothing (a slot frees a payload buffer larger than [`SLOT_PAYLOAD_KEEP`] when it
+//! releases it). The window (`--resequencer-capacity`) bounds what a source can make the
+//! server buffer in events: an event further than that beyond the next expected seq is
+//! rejected; `--resequencer-max-bytes` bounds it in bytes: an event that would take the
+//! waiting payloads over it is rejected the same way (the next expected event is always
+//! taken, so order can always go on).
+//!
+//! Seqs never wrap: once the event with seq `u64::MAX` is released the resequencer has
+//! [`ended`](Resequencer::ended) and refuses everything after.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -41,7 +48,13 @@ pub enum Admission {
     AlreadyDelivered,
     /// Its seq is further than the window beyond the next expected one.
     BeyondWindow,
+    /// Waiting, it would take the waiting payloads over the byte limit.
+    OverByteLimit,
 }
+
+/// A slot keeps a payload buffer up to this capacity for the next event; a larger one is
+/// freed when its event is released, so a burst of long lines does not pin memory.
+pub const SLOT_PAYLOAD_KEEP: usize = 256;
 
 /// A range of sequence numbers that never arrived and was skipped, inclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +77,8 @@ struct Slot {
 struct Ring {
     slots: Vec<Slot>,
     mask: u64,
+    /// Payload bytes of the waiting events.
+    bytes: u64,
 }
 
 impl Ring {
@@ -74,12 +89,19 @@ impl Ring {
         Ring {
             slots,
             mask: size - 1,
+            bytes: 0,
         }
     }
 
     #[inline]
     fn slot(&mut self, seq: u64) -> &mut Slot {
         &mut self.slots[(seq & self.mask) as usize]
+    }
+
+    /// Whether an event with this seq waits.
+    #[inline]
+    fn holds(&mut self, seq: u64) -> bool {
+        self.slot(seq).occupied
     }
 
     /// Stores an event; false when the slot already holds one (a duplicate).
@@ -93,6 +115,7 @@ impl Ring {
         slot.event = Some(event);
         slot.payload.clear();
         slot.payload.extend_from_slice(payload);
+        self.bytes += payload.len() as u64;
         true
     }
 
@@ -108,6 +131,11 @@ impl Ring {
         if let Some(event) = slot.event.take() {
             out.push(event, &slot.payload);
         }
+        let released = slot.payload.len() as u64;
+        if slot.payload.capacity() > SLOT_PAYLOAD_KEEP {
+            slot.payload = Vec::new();
+        }
+        self.bytes -= released;
         true
     }
 
@@ -115,7 +143,11 @@ impl Ring {
         for slot in &mut self.slots {
             slot.occupied = false;
             slot.event = None;
+            if slot.payload.capacity() > SLOT_PAYLOAD_KEEP {
+                slot.payload = Vec::new();
+            }
         }
+        self.bytes = 0;
     }
 }
 
@@ -142,7 +174,10 @@ enum Strategy {
 pub struct Resequencer {
     kind: ResequencerKind,
     window: u64,
+    max_bytes: u64,
     next_expected: u64,
+    /// The event with seq `u64::MAX` was released: nothing can follow it.
+    ended: bool,
     strategy: Strategy,
 }
 
@@ -170,8 +205,30 @@ impl Resequencer {
         Resequencer {
             kind,
             window: capacity,
+            max_bytes: u64::MAX,
             next_expected: first_seq,
+            ended: false,
             strategy,
+        }
+    }
+
+    /// Bounds the payload bytes of waiting events (`heap`, `stream`: events over it are
+    /// refused; `batch`: the buffer is released early when it would pass it).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// Whether the event with seq `u64::MAX` was released: the sequence cannot go on.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Payload bytes of the waiting events.
+    pub fn waiting_bytes(&self) -> u64 {
+        match &self.strategy {
+            Strategy::Heap { ring, .. } | Strategy::Stream { ring, .. } => ring.bytes,
+            Strategy::Batch { arena, .. } => arena.len() as u64,
         }
     }
 
@@ -208,6 +265,9 @@ impl Resequencer {
     #[inline]
     pub fn offer(&mut self, event: Event, payload: &[u8], out: &mut OrderedBatch) -> Admission {
         let seq = event.seq;
+        if self.ended {
+            return Admission::AlreadyDelivered;
+        }
         match &mut self.strategy {
             Strategy::Heap { ring, heap } => {
                 if seq < self.next_expected {
@@ -216,19 +276,26 @@ impl Resequencer {
                 if seq - self.next_expected >= self.window {
                     // The window is measured from the next expected seq; within one large
                     // read it may be stale, so release the contiguous run first.
-                    release_run(ring, heap, &mut self.next_expected, out);
+                    release_run(ring, heap, &mut self.next_expected, &mut self.ended, out);
+                    if self.ended {
+                        return Admission::AlreadyDelivered;
+                    }
                     if seq - self.next_expected >= self.window {
                         return Admission::BeyondWindow;
                     }
                 }
                 if seq == self.next_expected && heap.is_empty() {
                     out.push(event, payload);
-                    self.next_expected += 1;
+                    advance(&mut self.next_expected, &mut self.ended);
                     return Admission::Accepted;
                 }
-                if !ring.insert(event, payload) {
+                if ring.holds(seq) {
                     return Admission::Duplicate;
                 }
+                if seq != self.next_expected && ring.bytes + payload.len() as u64 > self.max_bytes {
+                    return Admission::OverByteLimit;
+                }
+                ring.insert(event, payload);
                 heap.push(Reverse(seq));
                 Admission::Accepted
             }
@@ -239,18 +306,32 @@ impl Resequencer {
                 if seq - self.next_expected >= self.window {
                     return Admission::BeyondWindow;
                 }
-                if !ring.insert(event, payload) {
+                if ring.holds(seq) {
                     return Admission::Duplicate;
                 }
+                if seq != self.next_expected && ring.bytes + payload.len() as u64 > self.max_bytes {
+                    return Admission::OverByteLimit;
+                }
+                ring.insert(event, payload);
                 waiting.insert(seq);
-                while waiting.first() == Some(&self.next_expected) {
+                while !self.ended && waiting.first() == Some(&self.next_expected) {
                     waiting.pop_first();
                     ring.release(self.next_expected, out);
-                    self.next_expected += 1;
+                    advance(&mut self.next_expected, &mut self.ended);
                 }
                 Admission::Accepted
             }
-            Strategy::Batch { buffer, arena, .. } => {
+            Strategy::Batch { arena, .. } => {
+                if !arena.is_empty() && (arena.len() + payload.len()) as u64 > self.max_bytes {
+                    self.release_batch(out);
+                    if self.ended {
+                        return Admission::AlreadyDelivered;
+                    }
+                    return self.offer(event, payload, out);
+                }
+                let Strategy::Batch { buffer, arena, .. } = &mut self.strategy else {
+                    unreachable!("matched above");
+                };
                 let start = arena.len() as u32;
                 arena.extend_from_slice(payload);
                 buffer.push((event, start, payload.len() as u32));
@@ -273,13 +354,16 @@ impl Resequencer {
     #[inline]
     pub fn end_of_read(&mut self, out: &mut OrderedBatch) {
         if let Strategy::Heap { ring, heap } = &mut self.strategy {
-            release_run(ring, heap, &mut self.next_expected, out);
+            release_run(ring, heap, &mut self.next_expected, &mut self.ended, out);
         }
     }
 
     /// Skips the hole before the smallest waiting event and releases what follows it.
     /// Returns the skipped range, or `None` when nothing waits (or for `batch`).
     pub fn skip_hole(&mut self, out: &mut OrderedBatch) -> Option<Hole> {
+        if self.ended {
+            return None;
+        }
         let smallest = match &self.strategy {
             Strategy::Heap { heap, .. } => heap.peek().map(|r| r.0),
             Strategy::Stream { waiting, .. } => waiting.first().copied(),
@@ -292,10 +376,10 @@ impl Resequencer {
         self.next_expected = smallest;
         match &mut self.strategy {
             Strategy::Stream { ring, waiting } => {
-                while waiting.first() == Some(&self.next_expected) {
+                while !self.ended && waiting.first() == Some(&self.next_expected) {
                     waiting.pop_first();
                     ring.release(self.next_expected, out);
-                    self.next_expected += 1;
+                    advance(&mut self.next_expected, &mut self.ended);
                 }
             }
             _ => self.end_of_read(out),
@@ -319,6 +403,7 @@ impl Resequencer {
     /// Forgets everything for a new session that expects `first_seq` first.
     pub fn reset(&mut self, first_seq: u64) {
         self.next_expected = first_seq;
+        self.ended = false;
         match &mut self.strategy {
             Strategy::Heap { ring, heap } => {
                 ring.clear();
@@ -375,10 +460,22 @@ impl Resequencer {
         }
         if let Some(last) = previous {
             *last_released = last;
-            self.next_expected = last + 1;
+            self.next_expected = last;
+            advance(&mut self.next_expected, &mut self.ended);
         }
         buffer.clear();
         arena.clear();
+    }
+}
+
+/// Moves `next_expected` past a released event; at `u64::MAX` the sequence has ended instead
+/// (seqs never wrap).
+#[inline]
+fn advance(next_expected: &mut u64, ended: &mut bool) {
+    if *next_expected == u64::MAX {
+        *ended = true;
+    } else {
+        *next_expected += 1;
     }
 }
 
@@ -392,15 +489,16 @@ fn release_run(
     ring: &mut Ring,
     heap: &mut BinaryHeap<Reverse<u64>>,
     next_expected: &mut u64,
+    ended: &mut bool,
     out: &mut OrderedBatch,
 ) {
-    let first = *next_expected;
-    while ring.release(*next_expected, out) {
-        *next_expected += 1;
+    let mut released = 0;
+    while !*ended && ring.release(*next_expected, out) {
+        advance(next_expected, ended);
+        released += 1;
     }
-    let released = (*next_expected - first) as usize;
     let next = *next_expected;
-    if released == heap.len() {
+    if released == heap.len() || *ended {
         heap.clear();
     } else if released * 4 >= heap.len() {
         heap.retain(|&Reverse(seq)| seq >= next);
@@ -664,5 +762,70 @@ mod tests {
         reseq.offer(event(2), b"2|B", &mut out);
         reseq.end_of_read(&mut out);
         assert_eq!(out.seqs().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    fn released_seqs(batch: &OrderedBatch) -> Vec<u64> {
+        batch.events().iter().map(|e| e.event.seq).collect()
+    }
+
+    #[test]
+    fn seq_u64_max_is_released_and_nothing_wraps_after_it() {
+        for kind in [
+            ResequencerKind::Heap,
+            ResequencerKind::Stream,
+            ResequencerKind::Batch,
+        ] {
+            let max = u64::MAX;
+            let mut reseq = Resequencer::new(kind, 4, max - 2);
+            let mut out = OrderedBatch::default();
+            for seq in [max, max - 2, max - 1] {
+                assert_eq!(
+                    reseq.offer(event(seq), &payload(seq), &mut out),
+                    Admission::Accepted
+                );
+            }
+            reseq.end_of_read(&mut out);
+            reseq.finish(&mut out, |hole| panic!("no hole expected: {hole:?}"));
+            assert_eq!(released_seqs(&out), vec![max - 2, max - 1, max], "{kind:?}");
+            assert!(reseq.ended(), "{kind:?}");
+            for seq in [0, 1, max] {
+                assert_eq!(
+                    reseq.offer(event(seq), &payload(seq), &mut out),
+                    Admission::AlreadyDelivered
+                );
+            }
+            reseq.reset(1);
+            assert!(!reseq.ended());
+        }
+    }
+
+    #[test]
+    fn waiting_bytes_are_bounded_and_the_next_expected_is_always_taken() {
+        for kind in [ResequencerKind::Heap, ResequencerKind::Stream] {
+            let mut reseq = Resequencer::new(kind, 1000, 1).with_max_bytes(20);
+            let mut out = OrderedBatch::default();
+            let long = vec![b'x'; 8];
+            assert_eq!(reseq.offer(event(2), &long, &mut out), Admission::Accepted);
+            assert_eq!(reseq.offer(event(3), &long, &mut out), Admission::Accepted);
+            assert_eq!(
+                reseq.offer(event(4), &long, &mut out),
+                Admission::OverByteLimit
+            );
+            assert_eq!(reseq.waiting_bytes(), 16);
+            assert_eq!(reseq.offer(event(1), &long, &mut out), Admission::Accepted);
+            reseq.end_of_read(&mut out);
+            assert_eq!(released_seqs(&out), vec![1, 2, 3], "{kind:?}");
+            assert_eq!(reseq.waiting_bytes(), 0);
+        }
+        let mut batch = Resequencer::new(ResequencerKind::Batch, 1000, 1).with_max_bytes(20);
+        let mut out = OrderedBatch::default();
+        for seq in 1..=3 {
+            batch.offer(event(seq), &[b'x'; 8], &mut out);
+        }
+        assert_eq!(
+            released_seqs(&out),
+            vec![1, 2],
+            "released early at the byte bound"
+        );
     }
 }

@@ -76,6 +76,8 @@ struct ClientSlot {
     pending: Vec<u8>,
     /// Bytes handed to the writer and not yet written.
     in_flight: usize,
+    /// Capacity of the buffer handed to the writer, until it is written.
+    in_flight_capacity: usize,
     /// Position in `Router::open_clients`.
     open_index: u32,
 }
@@ -118,6 +120,11 @@ struct Outputs {
     /// Clients that passed the backlog limit since the last take.
     over_backlog: Vec<ClientId>,
     notifications: u64,
+    /// Capacity of every pending and in-flight output buffer of this shard, bytes: what the
+    /// server-wide `--max-output-memory` budget counts.
+    memory: u64,
+    /// The part of `memory` already added to the server-wide gauge.
+    published: u64,
 }
 
 impl Outputs {
@@ -130,7 +137,12 @@ impl Outputs {
         }
         let was_empty = slot.pending.is_empty();
         let backlog_before = slot.pending.len() + slot.in_flight;
+        let capacity_before = slot.pending.capacity();
         slot.pending.extend_from_slice(bytes);
+        let capacity = slot.pending.capacity();
+        if capacity != capacity_before {
+            self.memory += (capacity - capacity_before) as u64;
+        }
         if was_empty {
             self.dirty.push(client);
         }
@@ -159,6 +171,8 @@ impl Router {
                 dirty: Vec::new(),
                 over_backlog: Vec::new(),
                 notifications: 0,
+                memory: 0,
+                published: 0,
             },
             free_clients: Vec::new(),
             open_clients: Vec::new(),
@@ -183,6 +197,7 @@ impl Router {
                     state: ClientState::Free,
                     pending: Vec::new(),
                     in_flight: 0,
+                    in_flight_capacity: 0,
                     open_index: 0,
                 });
                 (self.outputs.clients.len() - 1) as ClientId
@@ -193,6 +208,7 @@ impl Router {
         slot.state = ClientState::Open;
         slot.pending.clear();
         slot.in_flight = 0;
+        debug_assert_eq!(slot.in_flight_capacity, 0);
         slot.open_index = self.open_clients.len() as u32;
         self.open_clients.push(id);
 
@@ -261,8 +277,11 @@ impl Router {
             return;
         }
         slot.state = ClientState::Free;
+        let released = slot.pending.capacity() + slot.in_flight_capacity;
         slot.in_flight = 0;
+        slot.in_flight_capacity = 0;
         slot.pending = Vec::new();
+        self.outputs.memory -= released as u64;
         self.free_clients.push(client);
     }
 
@@ -383,13 +402,74 @@ impl Router {
     pub fn take_pending(&mut self, client: ClientId, into: &mut Vec<u8>) {
         let slot = &mut self.outputs.clients[client as usize];
         debug_assert!(into.is_empty());
+        if slot.pending.is_empty() {
+            return;
+        }
+        let before = slot.pending.capacity() + slot.in_flight_capacity;
         std::mem::swap(into, &mut slot.pending);
         slot.in_flight = into.len();
+        slot.in_flight_capacity = into.capacity();
+        let after = slot.pending.capacity() + slot.in_flight_capacity;
+        self.outputs.memory = self.outputs.memory + after as u64 - before as u64;
     }
 
     /// The writer finished writing what it took; `buffer` is kept by the writer for reuse.
     pub fn written(&mut self, client: ClientId) {
-        self.outputs.clients[client as usize].in_flight = 0;
+        let slot = &mut self.outputs.clients[client as usize];
+        self.outputs.memory -= slot.in_flight_capacity as u64;
+        slot.in_flight = 0;
+        slot.in_flight_capacity = 0;
+    }
+
+    /// Drops a client's pending output (it is being aborted) and stops counting what its
+    /// writer holds; returns the bytes of buffer capacity no longer counted.
+    pub fn discard_output(&mut self, client: ClientId) -> u64 {
+        let slot = &mut self.outputs.clients[client as usize];
+        if slot.state == ClientState::Free {
+            return 0;
+        }
+        let released = (slot.pending.capacity() + slot.in_flight_capacity) as u64;
+        slot.pending = Vec::new();
+        slot.in_flight_capacity = 0;
+        self.outputs.memory -= released;
+        released
+    }
+
+    /// Unsent output of a client: pending plus handed to its writer.
+    pub fn backlog(&self, client: ClientId) -> usize {
+        let slot = &self.outputs.clients[client as usize];
+        slot.pending.len() + slot.in_flight
+    }
+
+    /// Every client that is not freed and has unsent output, as `(backlog, client)`, largest
+    /// backlog first.
+    pub fn clients_by_backlog(&self, into: &mut Vec<(usize, ClientId)>) {
+        into.clear();
+        for (index, slot) in self.outputs.clients.iter().enumerate() {
+            let backlog = slot.pending.len() + slot.in_flight;
+            if slot.state != ClientState::Free && backlog > 0 {
+                into.push((backlog, index as ClientId));
+            }
+        }
+        into.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    /// Capacity of every pending and in-flight output buffer of this shard, bytes.
+    pub fn output_memory(&self) -> u64 {
+        self.outputs.memory
+    }
+
+    /// The change of [`output_memory`](Self::output_memory) since the last call, as
+    /// `(added, removed)` (one of them zero), for the server-wide gauge.
+    pub fn take_output_memory_change(&mut self) -> (u64, u64) {
+        let outputs = &mut self.outputs;
+        let change = if outputs.memory >= outputs.published {
+            (outputs.memory - outputs.published, 0)
+        } else {
+            (0, outputs.published - outputs.memory)
+        };
+        outputs.published = outputs.memory;
+        change
     }
 
     /// A client's own pending buffer (for tests and benchmarks).
@@ -400,10 +480,12 @@ impl Router {
     /// Clears a client's pending buffer (for benchmarks that do not write).
     pub fn clear_pending(&mut self, client: ClientId) {
         let slot = &mut self.outputs.clients[client as usize];
+        let before = slot.pending.capacity();
         slot.pending.clear();
         if slot.pending.capacity() > IDLE_BUFFER_KEEP {
             slot.pending.shrink_to(IDLE_BUFFER_KEEP);
         }
+        self.outputs.memory -= (before - slot.pending.capacity()) as u64;
     }
 }
 
@@ -555,5 +637,35 @@ mod tests {
         router.apply(&batch(&["4|P|2|1"]));
         router.take_over_backlog(&mut list);
         assert!(list.is_empty());
+    }
+
+    #[test]
+    fn output_memory_follows_every_buffer_and_ranks_backlogs() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        let small = router.register(1);
+        let large = router.register(2);
+        router.apply(&batch(&["1|P|9|1", "2|P|9|2", "3|P|9|2", "4|P|9|2"]));
+        let counted = router.output_memory();
+        assert!(counted >= 4 * 8, "{counted}");
+        assert_eq!(router.take_output_memory_change(), (counted, 0));
+        let mut ranked = Vec::new();
+        router.clients_by_backlog(&mut ranked);
+        assert_eq!(ranked, vec![(24, large), (8, small)]);
+        let mut in_flight = Vec::new();
+        router.take_pending(large, &mut in_flight);
+        assert_eq!(
+            router.output_memory(),
+            counted,
+            "handed over, still counted"
+        );
+        assert_eq!(router.backlog(large), 24);
+        let released = router.discard_output(large);
+        assert!(released >= 24);
+        router.written(large);
+        router.detach(small);
+        router.free(small);
+        router.free(large);
+        assert_eq!(router.output_memory(), 0);
+        assert_eq!(router.take_output_memory_change(), (0, counted));
     }
 }

@@ -61,6 +61,7 @@ struct ReadTally {
     duplicate: u64,
     already_delivered: u64,
     beyond_window: u64,
+    over_byte_limit: u64,
 }
 
 impl Sequencer {
@@ -187,7 +188,8 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
         config.resequencer,
         config.resequencer_capacity,
         sequencer.resume_at.get().unwrap_or(config.first_seq()),
-    );
+    )
+    .with_max_bytes(config.resequencer_max_bytes);
     let mut stalled_since: Option<(u64, Instant)> = None;
     let mut stopped = false;
     loop {
@@ -245,9 +247,20 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
             }
         }
         sequencer.send_batch(shared_batch, &mut pool).await;
+        if reseq.ended() {
+            break;
+        }
         reactor_pass().await;
     }
     drop(stream);
+    let ended_at_max_seq = reseq.ended();
+    if ended_at_max_seq {
+        Counters::add(&counters.sessions_ended_at_max_seq, 1);
+        tracing::warn!(
+            "event seq {} (u64::MAX) delivered: no seq can follow it, so the session ends now",
+            u64::MAX
+        );
+    }
     if stopped {
         // Shutdown: what was in order has been delivered; the stop task ends the shards.
         tracing::info!("event source session stopped by shutdown");
@@ -258,19 +271,18 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
     let Some(batch) = Arc::get_mut(&mut final_batch) else {
         unreachable!("the pool hands out batches nobody else holds");
     };
-    {
-        if splitter.has_partial_line() {
-            let counter = if splitter.is_skipping() {
-                &counters.lines_too_long
-            } else {
-                &counters.partial_lines
-            };
-            Counters::add(counter, 1);
-            let partial = excerpt(splitter.partial());
-            shared.faults.warn(Fault::PartialLine, || {
-                format!("event source closed in the middle of a line; dropped \"{partial}\"")
-            });
-        }
+    // After seq u64::MAX the rest of the input is ignored, partial line included.
+    if !ended_at_max_seq && splitter.has_partial_line() {
+        let counter = if splitter.is_skipping() {
+            &counters.lines_too_long
+        } else {
+            &counters.partial_lines
+        };
+        Counters::add(counter, 1);
+        let partial = excerpt(splitter.partial());
+        shared.faults.warn(Fault::PartialLine, || {
+            format!("event source closed in the middle of a line; dropped \"{partial}\"")
+        });
     }
     if sequencer.resume_at.get().is_some() {
         sequencer.resume_at.set(Some(reseq.next_expected()));
@@ -361,6 +373,10 @@ fn process_lines(
 ) {
     let mut tally = ReadTally::default();
     while let Some(line) = splitter.next_line() {
+        if reseq.ended() {
+            // Nothing can follow seq u64::MAX; the session ends after this read.
+            break;
+        }
         tally.received += 1;
         let line = match line {
             Line::Complete(line) => line,
@@ -421,6 +437,16 @@ fn process_lines(
                     )
                 });
             }
+            Admission::OverByteLimit => {
+                tally.over_byte_limit += 1;
+                shared.faults.warn(Fault::OverByteLimit, || {
+                    format!(
+                        "dropping event {}: the waiting events would pass \
+                         --resequencer-max-bytes ({} bytes)",
+                        event.seq, shared.config.resequencer_max_bytes
+                    )
+                });
+            }
             Admission::BeyondWindow => {
                 tally.beyond_window += 1;
                 shared.faults.warn(Fault::BeyondWindow, || {
@@ -443,4 +469,5 @@ fn process_lines(
     Counters::add(&counters.events_duplicate, tally.duplicate);
     Counters::add(&counters.events_already_delivered, tally.already_delivered);
     Counters::add(&counters.events_beyond_window, tally.beyond_window);
+    Counters::add(&counters.events_over_byte_limit, tally.over_byte_limit);
 }

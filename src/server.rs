@@ -75,7 +75,7 @@ impl RunningServer {
 
     /// Asks the server to stop (as SIGTERM does).
     pub fn stop(&self) {
-        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+        self.shared.config.stop.request();
     }
 
     /// Waits until every executor has ended (after a stop), then ends the accept threads.
@@ -117,6 +117,8 @@ impl RunningServer {
 /// publisher. `Role::Edge` binds only the client listener and runs the shards, fed by the NATS
 /// consumer. An unbound listener's address has port 0.
 pub fn start(config: Config) -> std::io::Result<RunningServer> {
+    let open_file_limit = crate::limits::raise_and_log_open_file_limit();
+    crate::limits::return_large_buffers_at_once();
     let role = config.role;
     let unbound = |addr: SocketAddr| SocketAddr::new(addr.ip(), 0);
     let event_listener = match role {
@@ -150,6 +152,10 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         counters: Counters::default(),
         faults: FaultLog::default(),
     });
+    Counters::add(
+        &shared.counters.open_file_limit,
+        open_file_limit.unwrap_or(0),
+    );
     let mut cluster_threads = Vec::new();
     let mut resume_at = None;
     let (senders, receivers): (Vec<_>, Vec<_>) = match role {
@@ -180,6 +186,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                 listener,
                 sender,
                 stop_flag.clone(),
+                shared.clone(),
             )?);
             Some(receiver)
         }
@@ -193,6 +200,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                 listener,
                 sender,
                 stop_flag.clone(),
+                shared.clone(),
             )?);
             Some(receiver)
         }
@@ -206,6 +214,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                 listener,
                 sender,
                 stop_flag,
+                shared.clone(),
             )?);
             Some(receiver)
         }
@@ -335,6 +344,7 @@ fn start_front(
         while !shared.config.shutdown.load(Ordering::SeqCst) {
             glommio::timer::sleep(STOP_POLL).await;
         }
+        shared.config.stop.stamp();
         tracing::info!("stopping: no new connections; writing out pending output");
         stop.set();
         while sequencer.session_active.get() {

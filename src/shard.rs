@@ -17,6 +17,7 @@ use crate::batch::OrderedBatch;
 use crate::channel;
 use crate::client::{self, ClientIo, CloseMode};
 use crate::notify::Notify;
+use crate::output_budget;
 use crate::router::{ClientId, Router};
 use crate::server::Shared;
 use crate::stats::{Counters, Fault};
@@ -74,7 +75,8 @@ pub struct ShardState {
 }
 
 impl ShardState {
-    fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
+    /// The I/O handle of a client, while its writer runs.
+    pub fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
         self.ios.borrow().get(client as usize).cloned().flatten()
     }
 
@@ -108,8 +110,14 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
         while let Some(command) = next.take() {
             match command {
                 ShardCommand::Batch(batch) => {
-                    state.router.borrow_mut().apply(&batch);
-                    Counters::add(&state.shared.counters.batches_applied, 1);
+                    if output_budget::past_shutdown_deadline(&state.shared) {
+                        // Its output could not be written before the exit anyway.
+                        Counters::add(&state.shared.counters.batches_dropped_at_shutdown, 1);
+                    } else {
+                        state.router.borrow_mut().apply(&batch);
+                        Counters::add(&state.shared.counters.batches_applied, 1);
+                        output_budget::enforce(&state);
+                    }
                 }
                 ShardCommand::Register { user, fd, tls } => register(&state, user, fd, tls),
                 ShardCommand::EndSession => {
@@ -130,7 +138,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
         after_commands(&state, &mut dirty, &mut over_backlog);
         reactor_pass().await;
     }
-    drain_writers(&state, shared.config.shutdown_timeout).await;
+    drain_writers(&state, output_budget::drain_time(&shared)).await;
 }
 
 /// Wakes the writers of clients with new output and closes clients over their backlog.
@@ -154,6 +162,7 @@ fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &
         });
         state.close_client(client, CloseMode::Abort);
     }
+    output_budget::enforce(state);
     let ios = state.ios.borrow();
     for &client in dirty.iter() {
         if let Some(Some(io)) = ios.get(client as usize) {

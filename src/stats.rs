@@ -49,12 +49,15 @@ counters! {
     order_violations: "counter", "Releases of the batch resequencer not contiguous with the previous one.";
     batch_deliveries: "counter", "Ordered batches queued to shards (one per shard per batch).";
     batches_applied: "counter", "Ordered batches applied by shards (equal to batch_deliveries when shards are idle).";
+    batches_dropped_at_shutdown: "counter", "Ordered batches a shard dropped because the shutdown deadline had passed.";
     notifications: "counter", "Notifications appended to client output.";
     bytes_written: "counter", "Bytes written to clients.";
     clients_accepted: "counter", "Client connections accepted.";
     clients_registered: "counter", "Clients that identified and were registered with their shard.";
-    clients_open: "gauge", "Clients connected right now (identified or not).";
-    clients_refused_max: "counter", "Connections refused because --max-clients were open.";
+    clients_open: "gauge", "Identified clients connected right now.";
+    clients_refused_max: "counter", "Identified clients refused because --max-clients were open.";
+    handshakes_open: "gauge", "Connections waiting for their id line right now.";
+    handshakes_evicted: "counter", "Pending handshakes closed to make room for a new connection (--max-handshakes).";
     clients_bad_id: "counter", "Clients whose id line was not a u64.";
     clients_id_too_long: "counter", "Clients whose id line was longer than the line limit.";
     clients_handshake_timeout: "counter", "Clients that sent no id within the handshake timeout.";
@@ -75,6 +78,20 @@ counters! {
     nats_messages_stale: "counter", "Edge: stream messages dropped because their seqs were applied already.";
     nats_stream_gaps: "counter", "Edge: stream batches that did not start right after the last applied seq.";
     nats_messages_bad: "counter", "Edge: stream messages with bad headers or unparseable lines.";
+    clients_closed_output_memory: "counter", "Clients closed, largest backlog first, because the pending output of all clients passed --max-output-memory.";
+    clients_closed_write_timeout: "counter", "Clients closed because they accepted no byte for --write-timeout-ms while output waited.";
+    clients_input_throttled: "counter", "Pauses of a client that sent more than --max-client-input-rate after its id line (reading stopped, TCP pushed back).";
+    clients_half_closed: "counter", "Clients that shut their sending side after the id line; they go on receiving.";
+    output_pending_bytes: "gauge", "Pending output of all clients (buffer capacity), bytes.";
+    accept_errors: "counter", "Failed accept(2) calls (e.g. out of descriptors).";
+    connections_shed: "counter", "Connections closed at once because the process was out of descriptors.";
+    events_over_byte_limit: "counter", "Events dropped because the waiting events would pass --resequencer-max-bytes.";
+    sessions_ended_at_max_seq: "counter", "Sessions ended because the event with seq u64::MAX was delivered.";
+    metrics_requests: "counter", "Metrics requests answered (any status).";
+    metrics_refused: "counter", "Metrics connections closed at once because --metrics-max-connections were open.";
+    metrics_timeouts: "counter", "Metrics connections closed because no whole request arrived in time.";
+    metrics_bad_requests: "counter", "Metrics requests for another path (404) or method (405), or unparseable (400).";
+    open_file_limit: "gauge", "The soft open-file limit the server runs with.";
 }
 
 impl Counters {
@@ -132,6 +149,20 @@ pub enum Fault {
     Refused,
     /// A client write error.
     WriteError,
+    /// A client that keeps sending after its id line.
+    Flood,
+    /// Clients closed for the server-wide output budget.
+    OutputMemory,
+    /// A client closed by the write deadline.
+    WriteTimeout,
+    /// A pending handshake closed to make room.
+    HandshakeEvicted,
+    /// A failed accept.
+    Accept,
+    /// A bad, slow or refused metrics request.
+    Metrics,
+    /// An event dropped for the resequencer's byte limit.
+    OverByteLimit,
     /// A client token refused.
     Token,
     /// An event source from outside `--source-allow`.
@@ -144,7 +175,7 @@ pub enum Fault {
     Cluster,
 }
 
-const FAULT_KINDS: usize = 17;
+const FAULT_KINDS: usize = Fault::Cluster as usize + 1;
 
 /// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
 #[derive(Debug)]

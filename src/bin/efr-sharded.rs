@@ -75,11 +75,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(error) = signal_hook::flag::register(signal, config.shutdown.clone()) {
-            eprintln!("efr-sharded: cannot handle signal {signal}: {error}");
-            return ExitCode::from(2);
-        }
+    if let Err(error) = config.stop.handle_signals() {
+        eprintln!("efr-sharded: cannot handle SIGINT/SIGTERM: {error}");
+        return ExitCode::from(2);
     }
     match efr::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,

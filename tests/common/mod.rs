@@ -283,3 +283,289 @@ pub fn harness_run(server: &RunningServer, workload: &Workload, seed: u64, endin
     let expected = expected_notifications(&workload.events, &workload.clients);
     check_clients(clients, &expected);
 }
+
+/// Waits until `condition` holds, or fails after the test deadline.
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_until_or(what, condition, String::new);
+}
+
+/// [`wait_until`], with `context()` in the failure message.
+pub fn wait_until_or(
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + TEST_DEADLINE;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what} {}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The value of one counter.
+pub fn counter(
+    server: &RunningServer,
+    pick: impl Fn(&efr::stats::Counters) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    pick(server.counters()).load(Ordering::Relaxed)
+}
+
+/// An event source that stays connected until [`Source::finish`]; every write and read has
+/// the test deadline, so a stalled server fails the test instead of hanging it.
+pub struct Source {
+    stream: TcpStream,
+}
+
+impl Source {
+    pub fn connect(addr: SocketAddr) -> Source {
+        let stream = TcpStream::connect(addr).expect("source connects");
+        stream.set_write_timeout(Some(TEST_DEADLINE)).unwrap();
+        stream.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+        Source { stream }
+    }
+
+    /// Writes the events in the order of `batches` (0-based indices), LF-terminated.
+    pub fn send(&mut self, events: &[String], batches: &[Vec<usize>]) {
+        let mut buffer = Vec::new();
+        for batch in batches {
+            buffer.clear();
+            for &index in batch {
+                buffer.extend_from_slice(events[index].as_bytes());
+                buffer.push(b'\n');
+            }
+            self.stream
+                .write_all(&buffer)
+                .expect("the server takes the source's events in time");
+        }
+    }
+
+    /// Writes raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .expect("the server takes the source's bytes in time");
+    }
+
+    /// Closes the source's sending side and waits until the server ends the session.
+    pub fn finish(self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+        self.wait_closed();
+    }
+
+    /// Waits until the server closes the source connection.
+    pub fn wait_closed(mut self) {
+        let mut rest = Vec::new();
+        self.stream
+            .read_to_end(&mut rest)
+            .expect("the server ends the session in time");
+    }
+}
+
+/// Events in seq order from 1, as harness arrival batches of at most 100.
+pub fn in_order_batches(events: usize) -> Vec<Vec<usize>> {
+    (0..events)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| chunk.to_vec())
+        .collect()
+}
+
+/// A client that sends its id line and then writes as fast as it can, never reading.
+pub struct Flooder {
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flooder {
+    pub fn start(addr: SocketAddr, user: u64) -> Flooder {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut stream = TcpStream::connect(addr).expect("flooder connects");
+        stream.write_all(format!("{user}\n").as_bytes()).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let thread = {
+            let sent = sent.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let junk = vec![b'x'; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match stream.write(&junk) {
+                        Ok(n) => {
+                            sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(error)
+                            if matches!(
+                                error.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        Flooder {
+            sent,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flooder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A client that sends its id and never reads, with a small receive buffer so the server's
+/// output to it backs up quickly.
+pub fn stalled_client(addr: SocketAddr, user: u64) -> TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(&addr.into())
+        .expect("stalled client connects");
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(format!("{user}\n").as_bytes()).unwrap();
+    stream
+}
+
+/// True when the server closed the connection (EOF or reset) within the test deadline,
+/// reading and dropping whatever arrives before.
+pub fn closed_by_server(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+    let mut scratch = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) => {
+                return matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            }
+        }
+    }
+}
+
+/// The real `efr-sharded` binary on ephemeral ports, its log lines collected.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub event_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    /// Starts the binary with `extra` flags; `before_exec` runs in the child before exec.
+    pub fn start(extra: &[&str], before_exec: Option<fn() -> std::io::Result<()>>) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_efr-sharded"));
+        command
+            .args(["--event-port", "0", "--client-port", "0", "--cores", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(hook) = before_exec {
+            // SAFETY: the hook only makes async-signal-safe system calls.
+            unsafe {
+                command.pre_exec(hook);
+            }
+        }
+        let mut child = command.spawn().expect("efr-sharded starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr_sender, addr_receiver) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.split("events on ").nth(1) {
+                        let field = |text: &str| -> SocketAddr {
+                            text.split(',').next().unwrap().trim().parse().unwrap()
+                        };
+                        let event = field(rest);
+                        let client = field(rest.split("clients on ").nth(1).unwrap());
+                        let _ = addr_sender.send((event, client));
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let (event_addr, client_addr) = addr_receiver
+            .recv_timeout(TEST_DEADLINE)
+            .expect("efr-sharded prints its ports");
+        ServerProcess {
+            child,
+            event_addr,
+            client_addr,
+            log,
+        }
+    }
+
+    /// Whether a log line contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the exit (at most the test deadline) and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + TEST_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "efr-sharded did not exit in time"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
