@@ -213,12 +213,14 @@ async fn identified(
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if !channel::send(
+    if channel::send(
         &acceptor.shards[owner],
         ShardCommand::Register { user, fd, tls },
     )
     .await
     {
+        tracing::debug!("client of user {user} identified; handed to shard {owner}");
+    } else {
         Counters::sub(&counters.clients_open, 1);
     }
 }

@@ -207,6 +207,16 @@ pub async fn serve(
         state.router.borrow_mut().written(client);
         output_budget::publish(&state);
     }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let user = state.router.borrow().user_of(client);
+        let why = match io.close.get() {
+            Some(CloseMode::SessionEnd) => "end of the source session",
+            Some(CloseMode::Shutdown) => "shutdown",
+            Some(CloseMode::Abort) => "closed by the server",
+            None => "peer gone or a write failed",
+        };
+        tracing::debug!("client of user {user} closed: {why}");
+    }
     shutdown_socket(io.fd);
     io.finished.set(true);
     drop(stream);

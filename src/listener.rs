@@ -27,16 +27,22 @@ pub const ACCEPT_QUEUE_DEPTH: usize = 1024;
 pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// Binds a listening socket with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as std does).
+/// Errors name the address (`cannot listen on 127.0.0.1:9090: Address already in use`).
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        Ok(socket.into())
+    };
+    listen().map_err(|error| {
+        std::io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}"))
+    })
 }
 
 /// First pause after an accept error that is not shortage of descriptors; it doubles with

@@ -117,6 +117,9 @@ impl Counters {
                 let _ = write!(line, "{name}={value} ");
             }
         }
+        if line.is_empty() {
+            return "every counter is zero".to_string();
+        }
         line.trim_end().to_string()
     }
 }

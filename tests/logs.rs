@@ -1,0 +1,110 @@
+//! The server's log as an operator reads it, on the real binary: plain text when written to a
+//! pipe or file, a bind error that names the address, and connect/identify/close events at
+//! `RUST_LOG=debug`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The binary with its log lines delivered on a channel as they come.
+fn start(args: &[&str], log_level: &str) -> (Child, Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
+        .args(["--cores", "1"])
+        .args(args)
+        .env("RUST_LOG", log_level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("efr-sharded starts");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (lines, log) = channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, log)
+}
+
+/// The first log line containing `marker` (panics after the deadline).
+fn wait_for(log: &Receiver<String>, marker: &str, seen: &mut Vec<String>) -> String {
+    loop {
+        let line = log
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no log line with {marker:?}; log so far: {seen:#?}"));
+        seen.push(line.clone());
+        if line.contains(marker) {
+            return line;
+        }
+    }
+}
+
+fn address_after(line: &str, marker: &str) -> SocketAddr {
+    let rest = line.split(marker).nth(1).unwrap();
+    rest[..rest.find([',', ' ']).unwrap_or(rest.len())]
+        .parse()
+        .unwrap()
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: plain kill(2) on our child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_log_written_to_a_pipe_is_plain_text_and_debug_shows_client_events() {
+    let (child, log) = start(&["--event-port", "0", "--client-port", "0"], "debug");
+    let mut seen = Vec::new();
+    let listening = wait_for(&log, "clients on ", &mut seen);
+    let client_addr = address_after(&listening, "clients on ");
+    let event_addr = address_after(&listening, "events on ");
+    let mut client = TcpStream::connect(client_addr).unwrap();
+    client.write_all(b"42\n").unwrap();
+    wait_for(&log, "client of user 42 identified", &mut seen);
+    let mut source = TcpStream::connect(event_addr).unwrap();
+    source.write_all(b"1|P|7|42\n").unwrap();
+    drop(source);
+    let mut received = Vec::new();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.read_to_end(&mut received).unwrap();
+    assert_eq!(received, b"1|P|7|42\n");
+    wait_for(
+        &log,
+        "client of user 42 closed: end of the source session",
+        &mut seen,
+    );
+    stop(child);
+    for line in &seen {
+        assert!(
+            !line.contains('\u{1b}'),
+            "ANSI escape in a piped log: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn a_port_in_use_is_named_in_the_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
+        .args(["--cores", "1", "--event-port", &port, "--client-port", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("efr-sharded runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
