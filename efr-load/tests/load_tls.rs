@@ -3,7 +3,8 @@
 //! `--chaos` run pass, verified byte for byte, with every client's token accepted; a CA that
 //! did not sign the server's certificate makes the run fail to connect (exit status 2), and
 //! tokens signed with another key fail the verification (exit status 1), refused and counted
-//! by the server.
+//! by the server. ES256 tokens signed with `--jwt-private-key` pass a server that verifies
+//! them with the public key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -233,5 +234,51 @@ fn tokens_signed_with_another_key_fail_the_verification_and_are_refused() {
     );
     let bad = &server.counters().clients_token_bad_signature;
     assert_eq!(bad.load(Ordering::Relaxed), 5);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn es256_tokens_from_a_private_key_pass_without_tls() {
+    let dir = std::env::temp_dir().join(format!("efr-load-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let private = dir.join("es256.pem");
+    std::fs::write(&private, key.serialize_pem()).unwrap();
+    let config = Config {
+        client_auth: ClientAuth::Jwt(Box::new(
+            JwtVerifier::public_key(key.public_key_pem().as_bytes()).unwrap(),
+        )),
+        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..Config::ephemeral(2)
+    };
+    let server = efr::server::start(config).expect("server starts");
+    let event = server.event_addr.port().to_string();
+    let client = server.client_addr.port().to_string();
+    let metrics = server.metrics_addr.expect("metrics endpoint").to_string();
+    let private = private.to_string_lossy().into_owned();
+    let args = [
+        "efr-load",
+        "--event-port",
+        &event,
+        "--client-port",
+        &client,
+        "--metrics-url",
+        &metrics,
+        "--progress",
+        "off",
+        "--jwt-private-key",
+        &private,
+        "harness",
+        "--total-events",
+        "5000",
+        "--concurrency",
+        "20",
+    ];
+    let report = efr_load::run(&LoadConfig::try_parse_from(args).expect("valid flags"))
+        .expect("efr-load runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(report.pass, "{}", report.summary());
+    assert!(report.notifications > 0);
+    assert_eq!(refused_tokens(&server), 0);
     server.stop_and_wait().unwrap();
 }
