@@ -32,7 +32,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use rustls::ClientConnection;
+
 use super::rng::Rng;
+use super::security::{tls_read, Security};
 use super::workload::{push_u64, Batch, LineEnding, Workload};
 
 /// Default number of chaos client connections.
@@ -274,7 +277,12 @@ impl Chaos {
     }
 
     /// Starts the chaos clients against `addr` on their own thread.
-    pub fn start_clients(&self, addr: SocketAddr, ids: Vec<u64>) -> std::io::Result<ChaosClients> {
+    pub fn start_clients(
+        &self,
+        addr: SocketAddr,
+        ids: Vec<u64>,
+        security: Arc<Security>,
+    ) -> std::io::Result<ChaosClients> {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = self.clients.clone();
         let settings = ClientSettings {
@@ -288,7 +296,7 @@ impl Chaos {
         let thread_counts = counts.clone();
         let handle = std::thread::Builder::new()
             .name("efr-load-chaos".into())
-            .spawn(move || run_clients(ids, settings, thread_stop, thread_counts))?;
+            .spawn(move || run_clients(ids, settings, &security, thread_stop, thread_counts))?;
         Ok(ChaosClients {
             stop,
             handle: Some(handle),
@@ -590,6 +598,44 @@ struct ChaosClient {
     phase: Phase,
     until: Instant,
     stream: Option<TcpStream>,
+    tls: Option<Box<ClientConnection>>,
+}
+
+/// Advances a chaos client's TLS handshake by what its socket has now; false when the
+/// connection failed or was closed.
+fn drive_handshake(tls: &mut ClientConnection, stream: &mut TcpStream) -> bool {
+    match tls.read_tls(stream) {
+        Ok(0) => return false,
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Err(_) => return false,
+    }
+    if tls.process_new_packets().is_err() {
+        let _ = tls.write_tls(stream);
+        return false;
+    }
+    flush_tls(tls, stream)
+}
+
+/// Sends what TLS records the socket takes now; false on a failed connection.
+fn flush_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> bool {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Reads what a chaos client's connection has, like a nonblocking read.
+fn read_some(c: &mut ChaosClient, buf: &mut [u8]) -> std::io::Result<usize> {
+    match (c.stream.as_mut(), c.tls.as_mut()) {
+        (Some(st), Some(tls)) => tls_read(tls, st, buf),
+        (Some(st), None) => st.read(buf),
+        (None, _) => Ok(0),
+    }
 }
 
 fn ms(rng: &mut Rng, lo: u64, hi: u64) -> Duration {
@@ -623,12 +669,19 @@ fn next_phase(c: &mut ChaosClient, rng: &mut Rng, s: &ClientSettings, counts: &C
 
 fn go_down(c: &mut ChaosClient, rng: &mut Rng) {
     c.stream = None;
+    c.tls = None;
     c.phase = Phase::Down;
     c.until = Instant::now() + ms(rng, 0, CHAOS_RECONNECT_DELAY_MAX_MS);
 }
 
 /// The chaos thread: steps every client each [`CHAOS_TICK`] until `stop`.
-fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: Arc<ClientCounts>) {
+fn run_clients(
+    ids: Vec<u64>,
+    s: ClientSettings,
+    security: &Security,
+    stop: Arc<AtomicBool>,
+    counts: Arc<ClientCounts>,
+) {
     let mut rng = Rng::new(s.seed, STREAM_CLIENTS);
     let start = Instant::now();
     let mut clients: Vec<ChaosClient> = ids
@@ -638,6 +691,7 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
             phase: Phase::Down,
             until: start + ms(&mut rng, 0, CHAOS_RECONNECT_DELAY_MAX_MS),
             stream: None,
+            tls: None,
         })
         .collect();
     let mut buf = vec![0u8; 64 * 1024];
@@ -648,18 +702,31 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
                 break;
             }
             let now = Instant::now();
+            if let (Some(st), Some(tls)) = (c.stream.as_mut(), c.tls.as_mut()) {
+                if tls.is_handshaking() && !drive_handshake(tls, st) {
+                    counts.closed_by_server.fetch_add(1, Ordering::Relaxed);
+                    go_down(c, &mut rng);
+                    continue;
+                }
+            }
             match c.phase {
                 Phase::Down if now >= c.until => {
+                    let session = security.session(false).ok().flatten();
                     match TcpStream::connect_timeout(&s.addr, CHAOS_CONNECT_TIMEOUT)
                         .and_then(|st| st.set_nonblocking(true).map(|_| st))
                     {
-                        Ok(stream) => {
+                        Ok(mut stream) if session.is_some() == security.tls() => {
                             counts.connects.fetch_add(1, Ordering::Relaxed);
+                            c.tls = session;
+                            if let Some(tls) = c.tls.as_mut() {
+                                // The ClientHello.
+                                flush_tls(tls, &mut stream);
+                            }
                             c.stream = Some(stream);
                             c.phase = Phase::Handshake;
                             c.until = now + ms(&mut rng, 0, CHAOS_IDENTIFY_DELAY_MAX_MS);
                         }
-                        Err(_) => {
+                        _ => {
                             counts.connect_failures.fetch_add(1, Ordering::Relaxed);
                             go_down(c, &mut rng);
                         }
@@ -672,14 +739,18 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
                         continue;
                     }
                     id_line.clear();
-                    push_u64(&mut id_line, c.id);
-                    id_line.extend_from_slice(s.ending);
-                    // A fresh socket's send buffer takes a few bytes at once.
-                    let sent = c
-                        .stream
-                        .as_mut()
-                        .map(|st| st.write(&id_line))
-                        .is_some_and(|r| matches!(r, Ok(n) if n == id_line.len()));
+                    let sent = security.push_id_line(&mut id_line, c.id, s.ending).is_ok()
+                        && match (c.stream.as_mut(), c.tls.as_mut()) {
+                            // Taken by the session (sent once the handshake is done).
+                            (Some(st), Some(tls)) => {
+                                tls.writer().write_all(&id_line).is_ok() && flush_tls(tls, st)
+                            }
+                            // A fresh socket's send buffer takes a few bytes at once.
+                            (Some(st), None) => {
+                                matches!(st.write(&id_line), Ok(n) if n == id_line.len())
+                            }
+                            (None, _) => false,
+                        };
                     if sent {
                         counts.identified.fetch_add(1, Ordering::Relaxed);
                         next_phase(c, &mut rng, &s, &counts);
@@ -691,9 +762,9 @@ fn run_clients(ids: Vec<u64>, s: ClientSettings, stop: Arc<AtomicBool>, counts: 
                 Phase::Reading => {
                     let mut read = 0;
                     let mut closed = false;
-                    if let Some(st) = c.stream.as_mut() {
+                    if c.stream.is_some() {
                         while read < CHAOS_READ_PER_TICK {
-                            match st.read(&mut buf) {
+                            match read_some(c, &mut buf) {
                                 Ok(0) => {
                                     closed = true;
                                     break;

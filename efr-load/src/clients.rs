@@ -1,6 +1,8 @@
 //! The client readers: each reader thread owns a share of the client connections, polls them
 //! with mio (epoll on Linux), keeps its own [`Model`] of the follow graph for its clients, and
-//! checks every received line against the next expected notification, byte for byte.
+//! checks every received line against the next expected notification, byte for byte. Over
+//! TLS a reader drives each client's rustls session on its nonblocking socket
+//! ([`tls_read`]) and checks the plaintext the same way.
 //!
 //! The hot path allocates nothing and formats nothing: an expectation is a packed
 //! `(batch number, event index)` (8 bytes) in the client's queue, the expected payload was
@@ -19,6 +21,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::flow::{Chunk, Shared};
 use super::model::Model;
+use super::security::tls_read;
 
 /// Longest a reader sleeps in poll before it looks at new batches, timeouts and the end.
 pub const POLL_TICK: Duration = Duration::from_millis(10);
@@ -58,6 +61,8 @@ pub struct ClientConn {
     pub user: u64,
     /// The socket.
     pub stream: std::net::TcpStream,
+    /// Its TLS session (handshake done, id line sent), if the run speaks TLS.
+    pub tls: Option<Box<rustls::ClientConnection>>,
 }
 
 /// What a reader found.
@@ -79,6 +84,7 @@ pub struct ReaderOutcome {
 
 struct Client {
     stream: mio::net::TcpStream,
+    tls: Option<Box<rustls::ClientConnection>>,
     name: String,
     carry: Vec<u8>,
     expect: VecDeque<u64>,
@@ -335,7 +341,11 @@ impl Reader {
             let k = self.clients[ci].carry.len();
             buf[..k].copy_from_slice(&self.clients[ci].carry);
             self.clients[ci].carry.clear();
-            let res = self.clients[ci].stream.read(&mut buf[k..]);
+            let c = &mut self.clients[ci];
+            let res = match c.tls.as_mut() {
+                Some(tls) => tls_read(tls, &mut c.stream, &mut buf[k..]),
+                None => c.stream.read(&mut buf[k..]),
+            };
             match res {
                 Ok(0) => {
                     self.clients[ci].carry.extend_from_slice(&buf[..k]);
@@ -423,6 +433,13 @@ impl Reader {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         let mut last_check = 0u64;
+        // What a TLS session already read from its socket during the handshake raises no
+        // readiness event: take it now.
+        for ci in 0..self.clients.len() {
+            if self.clients[ci].tls.is_some() {
+                self.read_client(ci);
+            }
+        }
         loop {
             if let Err(e) = self.poll.poll(&mut events, Some(POLL_TICK)) {
                 if e.kind() != ErrorKind::Interrupted {
@@ -475,6 +492,7 @@ pub fn run_reader(
         slots.push((i as u32, conn.user));
         clients.push(Client {
             stream,
+            tls: conn.tls,
             name: conn.name,
             carry: Vec::new(),
             expect: VecDeque::new(),

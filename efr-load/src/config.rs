@@ -242,6 +242,9 @@ pub struct LoadConfig {
     /// `--chaos` and its settings (src/chaos.rs).
     #[command(flatten)]
     pub chaos: super::chaos::ChaosArgs,
+    /// TLS and client tokens (src/security.rs).
+    #[command(flatten)]
+    pub security: super::security::SecurityArgs,
     /// The command (default: the harness workload with its defaults and environment
     /// variables).
     #[command(subcommand)]
@@ -427,6 +430,7 @@ impl LoadConfig {
             anyhow::ensure!(r.is_finite() && r > 0.0, "--rate must be a positive number");
         }
         self.chaos.validate()?;
+        self.security.validate()?;
         Ok(())
     }
 }

@@ -28,12 +28,13 @@ pub mod registration;
 pub mod report;
 pub mod rng;
 pub mod rows;
+pub mod security;
 pub mod source;
 pub mod workload;
 pub mod workload_spec;
 
-use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -45,6 +46,7 @@ pub use report::Report;
 
 use clients::{ClientConn, ReaderOutcome, ReaderSettings};
 use flow::Shared;
+use security::{Link, Security};
 use source::{SourceOutcome, SourceSettings};
 
 /// How often the progress display is refreshed.
@@ -92,22 +94,22 @@ fn client_names(users: &[u64]) -> Vec<String> {
         .collect()
 }
 
+/// Connects one client (the TLS handshake included) and sends its id line.
 fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
+    security: &Security,
     user: u64,
     name: &str,
     ending: &[u8],
-) -> anyhow::Result<TcpStream> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+) -> anyhow::Result<Link> {
+    let mut link = Link::connect(addr, timeout, security, false)
         .with_context(|| format!("connecting {name} to {addr}"))?;
     let mut line = Vec::with_capacity(24);
-    workload::push_u64(&mut line, user);
-    line.extend_from_slice(ending);
-    stream
-        .write_all(&line)
+    security.push_id_line(&mut line, user, ending)?;
+    link.write_all(&line)
         .with_context(|| format!("sending the id of {name}"))?;
-    Ok(stream)
+    Ok(link)
 }
 
 /// Connects every client and sends its id line, `--connect-threads` at a time (so that a
@@ -115,6 +117,7 @@ fn connect_one(
 /// deals them to the readers: client i goes to reader i % readers.
 fn connect_clients(
     config: &LoadConfig,
+    security: &Security,
     users: &[u64],
     readers: usize,
 ) -> anyhow::Result<Vec<Vec<ClientConn>>> {
@@ -133,7 +136,7 @@ fn connect_clients(
     let per_thread = users.len().div_ceil(threads).max(1);
     let ending = config.line_ending.bytes();
     let addrs = &addrs;
-    let streams: Vec<TcpStream> = std::thread::scope(|scope| {
+    let streams: Vec<Link> = std::thread::scope(|scope| {
         let handles: Vec<_> = users
             .chunks(per_thread)
             .zip(names.chunks(per_thread))
@@ -146,7 +149,7 @@ fn connect_clients(
                         .map(|(k, (&u, n))| {
                             // Client i connects to the (i mod n)-th client port.
                             let addr = addrs[(chunk * per_thread + k) % addrs.len()];
-                            connect_one(addr, timeout, u, n, ending)
+                            connect_one(addr, timeout, security, u, n, ending)
                         })
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
@@ -162,8 +165,13 @@ fn connect_clients(
         Ok::<_, anyhow::Error>(all)
     })?;
     let mut per_reader: Vec<Vec<ClientConn>> = (0..readers).map(|_| Vec::new()).collect();
-    for (i, ((stream, name), &user)) in streams.into_iter().zip(names).zip(users).enumerate() {
-        per_reader[i % readers].push(ClientConn { name, user, stream });
+    for (i, ((link, name), &user)) in streams.into_iter().zip(names).zip(users).enumerate() {
+        per_reader[i % readers].push(ClientConn {
+            name,
+            user,
+            stream: link.tcp,
+            tls: link.tls,
+        });
     }
     Ok(per_reader)
 }
@@ -173,6 +181,7 @@ fn connect_clients(
 /// `report.pass == false`.
 pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     config.validate()?;
+    let security = std::sync::Arc::new(Security::from_args(&config.security)?);
     let cmd = config.workload_cmd();
     let mut workload = cmd.build(config.line_ending)?;
     let chaos = config
@@ -198,7 +207,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         None => None,
     };
     let connect_start = std::time::Instant::now();
-    let per_reader = connect_clients(config, &users, readers)?;
+    let per_reader = connect_clients(config, &security, &users, readers)?;
     let connect_s = connect_start.elapsed().as_secs_f64();
     // Before the chaos clients connect: their registrations would count too.
     let registration = match &metrics {
@@ -227,6 +236,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         Some(c) => Some(c.start_clients(
             resolve(&config.host, config.client_port_of(0))?,
             c.client_ids(&users, max_user),
+            security.clone(),
         )?),
         None => None,
     };
@@ -263,8 +273,13 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     }
 
     let source_stream = resolve(&config.host, config.event_port).and_then(|addr| {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(config.connect_timeout_ms))
-            .with_context(|| format!("connecting the event source to {addr}"))
+        Link::connect(
+            addr,
+            Duration::from_millis(config.connect_timeout_ms),
+            &security,
+            true,
+        )
+        .with_context(|| format!("connecting the event source to {addr}"))
     });
     let source_stream = match source_stream {
         Ok(s) => s,
@@ -289,24 +304,24 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         max_pending: config.max_pending_notifications,
     };
     let source_shared = shared.clone();
-    let source_handle: JoinHandle<(SourceOutcome, u64)> = std::thread::Builder::new()
+    let source_handle: JoinHandle<(SourceOutcome, u64, Link)> = std::thread::Builder::new()
         .name("efr-load-source".into())
         .spawn(move || {
-            let out = source::run_source(
+            let (out, link) = source::run_source(
                 workload.as_mut(),
                 source_stream,
                 senders,
                 source_shared.clone(),
                 source_settings,
             );
-            (out, source_shared.now_ns())
+            (out, source_shared.now_ns(), link)
         })?;
 
     progress(config, &shared, total_events, || {
         source_handle.is_finished() && reader_handles.iter().all(|h| h.is_finished())
     });
 
-    let (source_out, source_end_ns) = source_handle
+    let (source_out, source_end_ns, source_link) = source_handle
         .join()
         .map_err(|_| anyhow::anyhow!("the source thread panicked"))?;
     let mut outcomes = Vec::new();
@@ -316,6 +331,8 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
                 .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??,
         );
     }
+    // Closed only now that the readers are done (see `source::run_source`).
+    drop(source_link);
     if let Some(c) = chaos_clients {
         c.stop();
     }

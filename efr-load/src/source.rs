@@ -7,13 +7,13 @@
 //! and when [`Shared::inflight`] batches or [`Shared::pending_notifications`] expectations
 //! are still held by readers whose clients lag (the memory bound). Both waits give up when the run is aborted.
 
-use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::flow::{Chunk, Shared};
+use super::security::Link;
 use super::workload::Workload;
 
 /// How often a blocked write or a wait for released batches looks at the abort flag.
@@ -46,11 +46,7 @@ pub struct SourceSettings {
     pub max_pending: u64,
 }
 
-fn write_all_abortable(
-    stream: &mut TcpStream,
-    mut buf: &[u8],
-    shared: &Shared,
-) -> Result<(), String> {
+fn write_all_abortable(stream: &mut Link, mut buf: &[u8], shared: &Shared) -> Result<(), String> {
     while !buf.is_empty() {
         match stream.write(buf) {
             Ok(0) => return Err("event source connection closed by the server".into()),
@@ -67,22 +63,39 @@ fn write_all_abortable(
     Ok(())
 }
 
-/// Runs the source to the end of the workload, then closes the write side of the connection.
-/// Dropping `readers` at the end tells the readers that no more expectations will come.
+/// Sends the TLS records still pending and closes the write side (close_notify first).
+fn close_abortable(stream: &mut Link, shared: &Shared) {
+    loop {
+        match stream.close_write() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) && !shared.aborted() => {}
+            _ => return,
+        }
+    }
+}
+
+/// Runs the source to the end of the workload, then closes the write side of the connection,
+/// and returns the connection, to be dropped once the readers are done: over TLS the server
+/// sends the source session tickets it never reads, and closing a socket with unread bytes
+/// resets the connection, which makes the server's kernel discard the events it has not read
+/// yet. Dropping `readers` at the end tells the readers that no more expectations will come.
 pub fn run_source(
     workload: &mut dyn Workload,
-    mut stream: TcpStream,
+    mut stream: Link,
     readers: Vec<flume::Sender<Arc<Chunk>>>,
     shared: Arc<Shared>,
     settings: SourceSettings,
-) -> SourceOutcome {
+) -> (SourceOutcome, Link) {
     let _ = shared.source_thread.set(std::thread::current());
     let mut out = SourceOutcome::default();
-    if let Err(e) = stream.set_write_timeout(Some(SOURCE_POLL)) {
+    if let Err(e) = stream.tcp.set_write_timeout(Some(SOURCE_POLL)) {
         out.error = Some(format!("event source socket: {e}"));
-        return out;
+        return (out, stream);
     }
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp.set_nodelay(true);
     let mut chunk_no = 0u64;
     let mut pace_start_ns = None;
     loop {
@@ -139,8 +152,8 @@ pub fn run_source(
             .bytes_sent
             .fetch_add(batch.wire.len() as u64, Ordering::Relaxed);
     }
-    let _ = stream.shutdown(Shutdown::Write);
+    close_abortable(&mut stream, &shared);
     shared.source_done.store(true, Ordering::Release);
     drop(readers);
-    out
+    (out, stream)
 }
