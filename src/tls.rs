@@ -32,8 +32,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-/// Raw TLS bytes read from the socket at a time.
-const TLS_READ_BUFFER: usize = 16 * 1024 + 256;
+/// Raw TLS bytes read from the socket at a time: as much as a plaintext read of the source
+/// takes, so a TLS source's batches are as large as a plaintext one's.
+const TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// Where the certificate material lives.
 #[derive(Clone, Debug)]
@@ -135,7 +136,7 @@ fn build(paths: &TlsPaths) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), Tls
     };
     let certified =
         |builder: rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>| {
-            builder
+            let mut config = builder
                 .with_single_cert(chain.clone(), key.clone_key())
                 .map_err(|e| {
                     TlsError(format!(
@@ -143,7 +144,12 @@ fn build(paths: &TlsPaths) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), Tls
                         paths.cert.display(),
                         paths.key.display()
                     ))
-                })
+                })?;
+            // No TLS 1.3 session tickets: efr has no use for resumption, and a source that
+            // closes without reading them gets its connection reset by its own kernel, which
+            // then drops events the server had not read yet.
+            config.send_tls13_tickets = 0;
+            Ok::<_, TlsError>(config)
         };
     let clients = certified(builder()?.with_no_client_auth())?;
     let sources = match &paths.source_client_ca {
@@ -247,20 +253,32 @@ impl TlsStream {
         }
     }
 
-    /// Gives rustls the raw bytes already read, or reads more. Ready(false) at end of stream.
-    fn poll_feed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        if self.fed == self.read {
-            let n = ready!(Pin::new(&mut self.io).poll_read(cx, &mut self.incoming))?;
-            if n == 0 {
-                return Poll::Ready(Ok(false));
-            }
-            self.fed = 0;
-            self.read = n;
-        }
+    /// Reads raw bytes from the socket into `incoming` (only when all earlier ones were given
+    /// to rustls). Ready(false) at end of stream.
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        debug_assert_eq!(self.fed, self.read);
+        let n = ready!(Pin::new(&mut self.io).poll_read(cx, &mut self.incoming))?;
+        self.fed = 0;
+        self.read = n;
+        Poll::Ready(Ok(n > 0))
+    }
+
+    /// Gives rustls the next records of the raw bytes received and decrypts them.
+    fn feed_received(&mut self) -> io::Result<()> {
         let mut raw = &self.incoming[self.fed..self.read];
         let taken = self.session.read_tls(&mut raw)?;
         self.fed += taken;
         self.session.process_new_packets().map_err(invalid)?;
+        Ok(())
+    }
+
+    /// Gives rustls the raw bytes already received, or receives more. Ready(false) at end of
+    /// stream.
+    fn poll_feed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.fed == self.read && !ready!(self.poll_receive(cx))? {
+            return Poll::Ready(Ok(false));
+        }
+        self.feed_received()?;
         Poll::Ready(Ok(true))
     }
 
@@ -278,19 +296,40 @@ impl TlsStream {
 }
 
 impl AsyncRead for TlsStream {
+    /// Fills `buf` with as much plaintext as the raw bytes already received hold, reading the
+    /// socket only when there is none: a read returns as much as a plaintext read of the same
+    /// socket would (rustls takes a few KiB of records per `read_tls` and buffers 16 KiB of
+    /// plaintext, so returning after one record made every read, every batch and every client
+    /// write up to 20 times smaller).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let mut filled = 0;
         loop {
-            match this.session.reader().read(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+            match this.session.reader().read(&mut buf[filled..]) {
+                // close_notify: the end of the stream, after what was already taken.
+                Ok(0) if filled < buf.len() => return Poll::Ready(Ok(filled)),
+                Ok(n) => filled += n,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => return Poll::Ready(Err(error)),
+                Err(error) if filled == 0 => return Poll::Ready(Err(error)),
+                Err(_) => return Poll::Ready(Ok(filled)),
             }
-            if !ready!(this.poll_feed(cx))? {
+            if filled == buf.len() {
+                return Poll::Ready(Ok(filled));
+            }
+            if this.fed < this.read {
+                if let Err(error) = this.feed_received() {
+                    return Poll::Ready(if filled == 0 { Err(error) } else { Ok(filled) });
+                }
+                continue;
+            }
+            if filled > 0 {
+                return Poll::Ready(Ok(filled));
+            }
+            if !ready!(this.poll_receive(cx))? {
                 // The peer closed without close_notify: an end of stream all the same.
                 return Poll::Ready(Ok(0));
             }
