@@ -28,7 +28,7 @@ pub struct Acceptor {
     /// Server-wide configuration and counters.
     pub shared: std::sync::Arc<Shared>,
     /// Command channel of each shard.
-    pub shards: Vec<flume::Sender<ShardCommand>>,
+    pub shards: Vec<channel::Outbox<ShardCommand>>,
     /// Set when the server stops.
     pub stop: Rc<Latch>,
 }
@@ -44,10 +44,11 @@ enum Handshake {
 }
 
 /// Accepts clients until the stop signal.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
+pub async fn run(accepted: channel::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
+    let mut accepted = accepted.attach();
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &acceptor.stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &acceptor.stop).await else {
             break;
         };
         let counters = &acceptor.shared.counters;
@@ -119,7 +120,10 @@ async fn identify(mut stream: TcpStream, acceptor: Rc<Acceptor>, ownership: Rc<O
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if !channel::send(&acceptor.shards[owner], ShardCommand::Register { user, fd }).await {
+    if !acceptor.shards[owner]
+        .send(ShardCommand::Register { user, fd })
+        .await
+    {
         Counters::sub(&counters.clients_open, 1);
     }
 }

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod channel;
 pub mod client;
 pub mod config;
+pub mod doorbell;
 pub mod line;
 pub mod listener;
 /// efr-load: the load generator and verifier (independent of the server's code).

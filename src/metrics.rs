@@ -54,9 +54,14 @@ pub fn resident_memory_bytes() -> Option<u64> {
 }
 
 /// Serves the metrics page until the stop signal.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, shared: Arc<Shared>, stop: Rc<Latch>) {
+pub async fn run(
+    accepted: crate::channel::Receiver<OwnedFd>,
+    shared: Arc<Shared>,
+    stop: Rc<Latch>,
+) {
+    let mut accepted = accepted.attach();
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &stop).await else {
             break;
         };
         glommio::spawn_local(answer(stream, shared.clone())).detach();

@@ -3,7 +3,8 @@
 //! batch. At source close it delivers what is left (skipping holes), then tells the shards to
 //! end the session.
 //!
-//! Backpressure: the shard channels are bounded; when a shard falls behind, `send_async` waits,
+//! Backpressure: the shard channels are bounded; when a shard falls behind, the send waits on
+//! executor 0's room doorbell (rung by the shard as it takes commands, see [`crate::channel`]),
 //! the sequencer stops reading, and TCP pushes back on the source.
 
 use std::cell::Cell;
@@ -20,7 +21,7 @@ use crate::batch::{BatchPool, OrderedBatch};
 use crate::channel;
 use crate::line::{Line, LineSplitter};
 use crate::listener;
-use crate::notify::Latch;
+use crate::notify::{Latch, Notify};
 use crate::protocol::{parse_event, EventKind, LineError};
 use crate::resequencer::{Admission, Resequencer};
 use crate::server::Shared;
@@ -37,11 +38,13 @@ pub struct Sequencer {
     /// Server-wide configuration and counters.
     pub shared: Arc<Shared>,
     /// Command channel of each shard.
-    pub shards: Vec<flume::Sender<ShardCommand>>,
+    pub shards: Vec<channel::Outbox<ShardCommand>>,
     /// Set when the server stops.
     pub stop: Rc<Latch>,
     /// Whether a source session is running.
     pub session_active: Cell<bool>,
+    /// Notified when a session ends (`session_active` turns false).
+    pub session_ended: Notify,
 }
 
 /// Per-read tallies, added to the shared counters once per read.
@@ -60,7 +63,7 @@ impl Sequencer {
     /// A sequencer sending to `shards`.
     pub fn new(
         shared: Arc<Shared>,
-        shards: Vec<flume::Sender<ShardCommand>>,
+        shards: Vec<channel::Outbox<ShardCommand>>,
         stop: Rc<Latch>,
     ) -> Self {
         Sequencer {
@@ -68,13 +71,14 @@ impl Sequencer {
             shards,
             stop,
             session_active: Cell::new(false),
+            session_ended: Notify::default(),
         }
     }
 
     /// Sends a command to every shard, in shard order.
     pub async fn broadcast(&self, make: impl Fn() -> ShardCommand) {
         for shard in &self.shards {
-            channel::send(shard, make()).await;
+            shard.send(make()).await;
         }
     }
 
@@ -93,9 +97,10 @@ impl Sequencer {
 }
 
 /// Accepts event sources until the stop signal; refuses a second one while one is connected.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
+pub async fn run(accepted: channel::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
+    let mut accepted = accepted.attach();
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &sequencer.stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &sequencer.stop).await else {
             break;
         };
         if sequencer.session_active.get() {
@@ -189,7 +194,7 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
     if stopped {
         // Shutdown: what was in order has been delivered; the stop task ends the shards.
         tracing::info!("event source session stopped by shutdown");
-        sequencer.session_active.set(false);
+        end_session(&sequencer);
         return;
     }
     let mut final_batch = pool.take();
@@ -223,7 +228,12 @@ async fn session(mut stream: TcpStream, sequencer: Rc<Sequencer>) {
         "event source closed; session ended ({})",
         counters.summary()
     );
+    end_session(&sequencer);
+}
+
+fn end_session(sequencer: &Sequencer) {
     sequencer.session_active.set(false);
+    sequencer.session_ended.notify();
 }
 
 async fn read_some(

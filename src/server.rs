@@ -3,7 +3,13 @@
 //!
 //! Executor 0 runs the sequencer, the client acceptor, the stop watcher and shard 0; executor
 //! i > 0 runs shard i. [`start`] returns once the listeners are bound (so a test can use
-//! ephemeral ports at once); [`run`] is `start` then wait, as the binary uses it.
+//! ephemeral ports at once); [`run`] is `start`, stop on SIGINT/SIGTERM, then wait, as the
+//! binary uses it.
+//!
+//! Every wait between threads goes through a [`crate::doorbell`]: each shard's command
+//! channel, executor 0's room bell (a full shard channel), the accept threads' hand-off, and
+//! the stop bell (rung by [`StopHandle::stop`], which SIGINT/SIGTERM and
+//! [`RunningServer::stop`] call). An idle server has no timer armed and no thread that wakes.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -15,7 +21,9 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
+use crate::channel::{self, Room};
 use crate::config::{cpu_count, Config};
+use crate::doorbell::{doorbell, BellReadEnd, Doorbell};
 use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
@@ -23,21 +31,18 @@ use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, ShardCommand};
 use crate::stats::{Counters, FaultLog};
 
-/// How often the stop watcher looks at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(20);
-
 /// glommio's preemption timer, effectively off.
 ///
-/// glommio 0.9 parks an executor whose task queue is still runnable when a preemption is
-/// already pending as it starts running tasks (`run_task_queues` reads "preempted before
-/// running anything" as "nothing to run"; fixed in the community fork, not on crates.io). On a
-/// loaded machine a thread descheduled for longer than the preemption period right after
-/// polling I/O hits it, and the executor sleeps until some unrelated I/O arrives: measured
-/// here as 10M-event runs stalling for seconds with batches queued in an idle shard, far more
-/// often with a 1 ms period. efr does not rely on preemption: its long-running tasks (the
-/// sequencer and the shards) pass through the reactor explicitly after each turn
-/// ([`crate::shard::reactor_pass`]), so I/O and wake-ups from other executors are handled
-/// between turns. With the timer off the pending preemption never happens.
+/// glommio 0.9 parks an executor whose task queue is still runnable when a latency-ring
+/// completion that wakes no task is pending as it starts running tasks (`run_task_queues`
+/// reads "preempted before running anything" as "nothing to run"; fixed in the community
+/// fork, not on crates.io). The preemption timer's expiry is such a completion: measured here
+/// as 10M-event runs stalling for seconds with batches queued in an idle shard, far more often
+/// with a 1 ms period. The timer is re-armed every time the executor polls I/O, so with an
+/// hour it never fires, and [`crate::doorbell`] explains why nothing else of efr's puts such a
+/// completion on the latency ring. efr does not rely on preemption: its long-running tasks
+/// (the sequencer and the shards) pass through the reactor explicitly while they have work
+/// queued ([`crate::shard::reactor_pass`]).
 const PREEMPT_TIMER: Duration = Duration::from_secs(3600);
 
 /// What every executor shares: the configuration, the counters, the fault log.
@@ -60,8 +65,25 @@ pub struct RunningServer {
     /// Where the metrics endpoint listens, if enabled.
     pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    stop_handle: StopHandle,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     accept_threads: Vec<AcceptThread>,
+}
+
+/// Stops a running server from any thread, or from a signal handler: sets the stop flag and
+/// rings executor 0's stop bell (async-signal-safe: atomics and one `write(2)`).
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    bell: Arc<Doorbell>,
+}
+
+impl StopHandle {
+    /// Asks the server to stop.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.bell.ring();
+    }
 }
 
 impl RunningServer {
@@ -72,7 +94,12 @@ impl RunningServer {
 
     /// Asks the server to stop (as SIGTERM does).
     pub fn stop(&self) {
-        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+        self.stop_handle.stop();
+    }
+
+    /// A handle that stops the server from another thread or a signal handler.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop_handle.clone()
     }
 
     /// Waits until every executor has ended (after a stop), then ends the accept threads.
@@ -121,11 +148,23 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         counters: Counters::default(),
         faults: FaultLog::default(),
     });
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
-        .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
-        .unzip();
-    let (event_sender, event_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
-    let (client_sender, client_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+    // Executor 0 sends to every shard and waits on one room bell when a channel is full;
+    // every shard rings it as it takes commands.
+    let (room_bell, room_read_end) = doorbell()?;
+    let mut senders = Vec::with_capacity(cores);
+    let mut receivers = Vec::with_capacity(cores);
+    for _ in 0..cores {
+        let (sender, receiver) = channel::bounded::<ShardCommand>(shared.config.shard_queue_depth)?;
+        senders.push(sender);
+        receivers.push(receiver.ringing_on_room(room_bell.clone()));
+    }
+    let (stop_bell, stop_read_end) = doorbell()?;
+    let stop_handle = StopHandle {
+        flag: shared.config.shutdown.clone(),
+        bell: stop_bell,
+    };
+    let (event_sender, event_receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
+    let (client_sender, client_receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
     let stop_flag = shared.config.shutdown.clone();
     let mut accept_threads = vec![
         AcceptThread::spawn(
@@ -143,7 +182,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     ];
     let metrics_receiver = match metrics_listener {
         Some(listener) => {
-            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
             accept_threads.push(AcceptThread::spawn(
                 "efr-accept-metrics",
                 listener,
@@ -158,6 +197,8 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         events: event_receiver,
         clients: client_receiver,
         metrics: metrics_receiver,
+        room: room_read_end,
+        stop: stop_read_end,
     });
     let mut executors = Vec::with_capacity(cores);
     for (index, receiver) in receivers.into_iter().enumerate() {
@@ -197,14 +238,28 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         client_addr,
         metrics_addr,
         shared,
+        stop_handle,
         executors,
         accept_threads,
     })
 }
 
-/// Starts and runs a server until it is stopped.
+/// Starts and runs a server until it is stopped by SIGINT or SIGTERM.
 pub fn run(config: Config) -> std::io::Result<()> {
     let server = start(config)?;
+    // A plain thread blocked on signal-hook's self-pipe rings the stop bell: no polling.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let stop = server.stop_handle();
+    std::thread::Builder::new()
+        .name("efr-signals".to_string())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                stop.stop();
+            }
+        })?;
     tracing::info!(
         "efr-sharded listening: events on {}, clients on {}, {} shard(s)",
         server.event_addr,
@@ -217,54 +272,74 @@ pub fn run(config: Config) -> std::io::Result<()> {
     server.wait()
 }
 
-/// What executor 0 accepts from: the accept threads' channels and the metrics listener.
+/// What executor 0 waits on: the accept threads' channels, the room bell of the shard
+/// channels, the stop bell.
 struct Listeners {
-    events: flume::Receiver<OwnedFd>,
-    clients: flume::Receiver<OwnedFd>,
-    metrics: Option<flume::Receiver<OwnedFd>>,
+    events: channel::Receiver<OwnedFd>,
+    clients: channel::Receiver<OwnedFd>,
+    metrics: Option<channel::Receiver<OwnedFd>>,
+    room: BellReadEnd,
+    stop: BellReadEnd,
 }
 
 /// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger.
 fn start_front(
     shared: Arc<Shared>,
-    senders: Vec<flume::Sender<ShardCommand>>,
+    senders: Vec<channel::Sender<ShardCommand>>,
     listeners: Listeners,
 ) {
+    let room = Room::new(listeners.room);
+    let outboxes = |senders: &[channel::Sender<ShardCommand>]| {
+        senders
+            .iter()
+            .map(|sender| sender.clone().attach(&room))
+            .collect::<Vec<_>>()
+    };
     let stop = Rc::new(Latch::default());
     let sequencer = Rc::new(Sequencer::new(
         shared.clone(),
-        senders.clone(),
+        outboxes(&senders),
         stop.clone(),
     ));
     let acceptor = Rc::new(Acceptor {
         shared: shared.clone(),
-        shards: senders,
+        shards: outboxes(&senders),
         stop: stop.clone(),
     });
+    drop(senders);
     glommio::spawn_local(sequencer::run(listeners.events, sequencer.clone())).detach();
     glommio::spawn_local(acceptor::run(listeners.clients, acceptor)).detach();
     if let Some(accepted) = listeners.metrics {
         glommio::spawn_local(metrics::run(accepted, shared.clone(), stop.clone())).detach();
     }
     if let Some(interval) = shared.config.stats_interval {
+        // The one periodic timer, and only when asked for (off by default). A line equal to
+        // the last one is not repeated.
         let shared = shared.clone();
         let stop = stop.clone();
         glommio::spawn_local(async move {
+            let mut last = String::new();
             while !stop.is_set() {
                 glommio::timer::sleep(interval).await;
-                tracing::info!("stats: {}", shared.counters.summary());
+                let summary = shared.counters.summary();
+                if summary != last {
+                    tracing::info!("stats: {summary}");
+                    last = summary;
+                }
             }
         })
         .detach();
     }
+    let mut stop_bell = listeners.stop.into_waiter();
     glommio::spawn_local(async move {
-        while !shared.config.shutdown.load(Ordering::SeqCst) {
-            glommio::timer::sleep(STOP_POLL).await;
-        }
+        let flag = &shared.config.shutdown;
+        stop_bell
+            .wait_until(|| flag.load(Ordering::SeqCst).then_some(()))
+            .await;
         tracing::info!("stopping: no new connections; writing out pending output");
         stop.set();
         while sequencer.session_active.get() {
-            glommio::timer::sleep(STOP_POLL).await;
+            sequencer.session_ended.wait().await;
         }
         sequencer.broadcast(|| ShardCommand::Shutdown).await;
         tracing::info!("stopped ({})", shared.counters.summary());

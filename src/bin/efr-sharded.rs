@@ -1,4 +1,5 @@
-//! `efr-sharded`: parse the flags, set up logging and signals, run the server.
+//! `efr-sharded`: parse the flags, set up logging, run the server (which stops on SIGINT and
+//! SIGTERM).
 
 use std::process::ExitCode;
 
@@ -20,12 +21,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(error) = signal_hook::flag::register(signal, config.shutdown.clone()) {
-            eprintln!("efr-sharded: cannot handle signal {signal}: {error}");
-            return ExitCode::from(2);
-        }
-    }
     match efr::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
