@@ -17,7 +17,10 @@
 //! A producer ([`Doorbell::ring`]) first makes the condition true (pushes the message, sets
 //! the flag), then a `SeqCst` fence, then loads the state; only if it reads `SLEEPING` does it
 //! swap in `AWAKE` and, if the swap returned `SLEEPING`, write one byte. Rings while the waiter
-//! is awake cost one fence and one load, and no syscall.
+//! is awake cost one fence and one load, and no syscall. A producer on the waiter's own thread
+//! (the sequencer and shard 0 share executor 0) swaps in `RUNG_LOCALLY` instead and wakes the
+//! waiting task's waker directly: program order stands in for the fences, and no byte is
+//! written.
 //!
 //! # Why no wake-up is lost
 //!
@@ -67,18 +70,36 @@
 //! would reopen the first trap; `tests/lost_wakeup.rs` is the regression test that watches
 //! for it.
 
+use std::cell::UnsafeCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures_lite::AsyncReadExt;
+use futures_lite::AsyncRead;
 
 /// The waiter is running, or about to look at its condition; producers need not write.
 const AWAKE: u8 = 0;
 /// The waiter published that it will sleep unless its recheck finds work.
 const SLEEPING: u8 = 1;
+/// A producer on the waiter's thread woke it through its waker (no byte was written).
+const RUNG_LOCALLY: u8 = 2;
+
+/// Source of thread identities: never reused, unlike thread-local addresses.
+static NEXT_THREAD_TOKEN: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    static THREAD_TOKEN: usize = NEXT_THREAD_TOKEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// This thread's identity (never 0).
+fn thread_token() -> usize {
+    THREAD_TOKEN.with(|token| *token)
+}
 
 /// Bytes drained from the socket per read; rings coalesce, so more than one is rare.
 const DRAIN_BUFFER: usize = 64;
@@ -93,7 +114,16 @@ const BELL_READ_FAILURE_PAUSE: Duration = Duration::from_millis(10);
 pub struct Doorbell {
     state: AtomicU8,
     write_end: OwnedFd,
+    /// [`thread_token`] of the waiter's thread while the waiter exists, else 0.
+    home: AtomicUsize,
+    /// The waiting task's waker while it sleeps; read and written only on the home thread.
+    local_waker: UnsafeCell<Option<Waker>>,
 }
+
+// SAFETY: `local_waker` is the only field that is not `Sync`; it is touched only by code that
+// first checked it runs on the home thread (`home == thread_token()`), and `home` is set by
+// the waiter on that thread and cleared when the waiter drops there.
+unsafe impl Sync for Doorbell {}
 
 /// The read end of a new doorbell, to be turned into a [`BellWaiter`] on the executor whose
 /// task waits on it.
@@ -124,6 +154,8 @@ pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
     let bell = Arc::new(Doorbell {
         state: AtomicU8::new(AWAKE),
         write_end,
+        home: AtomicUsize::new(0),
+        local_waker: UnsafeCell::new(None),
     });
     Ok((bell.clone(), BellReadEnd { bell, read_end }))
 }
@@ -132,6 +164,18 @@ impl Doorbell {
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
     /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
     pub fn ring(&self) {
+        if self.home.load(Ordering::Relaxed) == thread_token() {
+            // The waiter's own thread: it is not running right now, so its state is stable.
+            if self.state.load(Ordering::Relaxed) == SLEEPING
+                && self.state.swap(RUNG_LOCALLY, Ordering::SeqCst) == SLEEPING
+            {
+                // SAFETY: on the home thread (checked above).
+                if let Some(waker) = unsafe { (*self.local_waker.get()).take() } {
+                    waker.wake();
+                }
+            }
+            return;
+        }
         fence(Ordering::SeqCst);
         if self.state.load(Ordering::Relaxed) == SLEEPING
             && self.state.swap(AWAKE, Ordering::SeqCst) == SLEEPING
@@ -172,11 +216,59 @@ impl BellReadEnd {
     pub fn into_waiter(self) -> BellWaiter {
         // SAFETY: a connected Unix stream socket owned by `self`, handed to glommio.
         let stream = unsafe { glommio::net::UnixStream::from_raw_fd(self.read_end.into_raw_fd()) };
+        self.bell.home.store(thread_token(), Ordering::SeqCst);
         BellWaiter {
             bell: self.bell,
             stream,
             drain: [0; DRAIN_BUFFER],
         }
+    }
+}
+
+impl Drop for BellWaiter {
+    fn drop(&mut self) {
+        // On the home thread: no local ring can follow, and no waker is left behind.
+        // SAFETY: a waiter lives and drops on its home thread.
+        unsafe { *self.bell.local_waker.get() = None };
+        self.bell.home.store(0, Ordering::SeqCst);
+    }
+}
+
+/// One sleep of a [`BellWaiter`]: ends when a byte arrives or a producer of the same thread
+/// rings. Clears the registered waker when dropped.
+struct BellWait<'a> {
+    waiter: &'a mut BellWaiter,
+}
+
+impl Future for BellWait<'_> {
+    /// `Ok` when rung; `Err` with what the read returned when reading the socket failed.
+    type Output = Result<(), io::Result<usize>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let waiter = &mut *self.get_mut().waiter;
+        if waiter.bell.state.load(Ordering::Relaxed) == RUNG_LOCALLY {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut waiter.stream).poll_read(cx, &mut waiter.drain) {
+            Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Ok(())),
+            Poll::Ready(outcome) => Poll::Ready(Err(outcome)),
+            Poll::Pending => {
+                // SAFETY: futures of a waiter are polled on its home thread.
+                let slot = unsafe { &mut *waiter.bell.local_waker.get() };
+                match slot {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *slot = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for BellWait<'_> {
+    fn drop(&mut self) {
+        // SAFETY: dropped on the home thread, like every future of the waiter.
+        unsafe { *self.waiter.bell.local_waker.get() = None };
     }
 }
 
@@ -202,9 +294,9 @@ impl BellWaiter {
                 self.bell.state.store(AWAKE, Ordering::Relaxed);
                 return value;
             }
-            match self.stream.read(&mut self.drain).await {
-                Ok(n) if n > 0 => {}
-                outcome => {
+            match (BellWait { waiter: self }).await {
+                Ok(_) => {}
+                Err(outcome) => {
                     tracing::warn!(
                         "doorbell read failed ({outcome:?}); looking again every {} ms",
                         BELL_READ_FAILURE_PAUSE.as_millis()
