@@ -32,6 +32,7 @@ pub fn bounded<T>(depth: usize) -> std::io::Result<(Sender<T>, Receiver<T>)> {
             inner: receiver,
             read_end,
             room_bell: None,
+            room_low_water: depth / 2,
         },
     ))
 }
@@ -94,10 +95,13 @@ pub struct Receiver<T> {
     inner: flume::Receiver<T>,
     read_end: BellReadEnd,
     room_bell: Option<Arc<Doorbell>>,
+    room_low_water: usize,
 }
 
 impl<T> Receiver<T> {
-    /// Rings `room_bell` whenever a receive frees a slot, for senders waiting in a [`Room`].
+    /// Rings `room_bell` for senders waiting in a [`Room`] once a receive has brought the
+    /// channel down to half its depth: a sender that found it full then refills half of it in
+    /// one go, instead of waking (and waking the receiver's executor) for every slot.
     pub fn ringing_on_room(mut self, room_bell: Arc<Doorbell>) -> Self {
         self.room_bell = Some(room_bell);
         self
@@ -108,7 +112,7 @@ impl<T> Receiver<T> {
         Inbox {
             inner: self.inner,
             waiter: self.read_end.into_waiter(),
-            room_bell: self.room_bell,
+            room: self.room_bell.map(|bell| (bell, self.room_low_water)),
         }
     }
 }
@@ -118,16 +122,23 @@ impl<T> Receiver<T> {
 pub struct Inbox<T> {
     inner: flume::Receiver<T>,
     waiter: BellWaiter,
-    room_bell: Option<Arc<Doorbell>>,
+    /// The room bell and the length at or below which it is rung.
+    room: Option<(Arc<Doorbell>, usize)>,
+}
+
+/// After a receive from `inner`: wakes a sender waiting for room once the channel is down to
+/// `low_water` (it passes that point while it drains, so no waiting sender is forgotten).
+fn freed_room<T>(inner: &flume::Receiver<T>, room: &Option<(Arc<Doorbell>, usize)>) {
+    if let Some((bell, low_water)) = room {
+        bell.ring_if(|| inner.len() <= *low_water);
+    }
 }
 
 impl<T> Inbox<T> {
     /// Takes the next message if one is queued.
     pub fn try_recv(&self) -> Result<T, flume::TryRecvError> {
         let message = self.inner.try_recv()?;
-        if let Some(room) = &self.room_bell {
-            room.ring();
-        }
+        freed_room(&self.inner, &self.room);
         Ok(message)
     }
 
@@ -140,13 +151,11 @@ impl<T> Inbox<T> {
     /// `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<T> {
         let inner = &self.inner;
-        let room_bell = &self.room_bell;
+        let room = &self.room;
         self.waiter
             .wait_until(|| match inner.try_recv() {
                 Ok(message) => {
-                    if let Some(room) = room_bell {
-                        room.ring();
-                    }
+                    freed_room(inner, room);
                     Some(Some(message))
                 }
                 Err(flume::TryRecvError::Disconnected) => Some(None),

@@ -164,9 +164,19 @@ impl Doorbell {
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
     /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
     pub fn ring(&self) {
+        self.ring_if(|| true);
+    }
+
+    /// Like [`Doorbell::ring`], but wakes a sleeping waiter only if `worth_waking` says so;
+    /// `worth_waking` runs only while the waiter sleeps. The caller must make sure that, as
+    /// long as the waiter sleeps, some later call finds it worth waking (a shard that frees
+    /// room rings the room bell only once its channel is down to half, and it drains the
+    /// channel through that point).
+    pub fn ring_if(&self, worth_waking: impl FnOnce() -> bool) {
         if self.home.load(Ordering::Relaxed) == thread_token() {
             // The waiter's own thread: it is not running right now, so its state is stable.
             if self.state.load(Ordering::Relaxed) == SLEEPING
+                && worth_waking()
                 && self.state.swap(RUNG_LOCALLY, Ordering::SeqCst) == SLEEPING
             {
                 // SAFETY: on the home thread (checked above).
@@ -178,6 +188,7 @@ impl Doorbell {
         }
         fence(Ordering::SeqCst);
         if self.state.load(Ordering::Relaxed) == SLEEPING
+            && worth_waking()
             && self.state.swap(AWAKE, Ordering::SeqCst) == SLEEPING
         {
             self.write_byte();

@@ -6,8 +6,9 @@
 //! (source -> sequencer -> every shard -> the target client's writer), one at a time, each
 //! waited for at its client, with random pauses between them, while slow "heavy" clients
 //! take bursts of thousands of notifications (their writers block on full sockets, so the
-//! executors see a steady stream of unrelated I/O completions). Every byte every client
-//! receives is checked.
+//! executors see a steady stream of unrelated I/O completions), written in small pieces into
+//! shard channels only 4 deep (so the sequencer keeps waiting for room). Every byte every
+//! client receives is checked.
 //!
 //! The watchdog tells a stall from slowness. A hop slower than [`SLOW_HOP`] (50 ms) is looked
 //! at: the heavy readers are held (so no unrelated event can come and rescue a stalled
@@ -53,6 +54,10 @@ const FIRST_LOUD: u64 = 5_000;
 /// One train in this many is preceded by a burst of status updates to the heavy clients.
 const BURST_EVERY: u64 = 25;
 const BURST_EVENTS: u64 = 300;
+/// Events per write of a burst.
+const BURST_PIECE: u64 = 5;
+/// Shard channel depth of the run.
+const SHARD_QUEUE_DEPTH: usize = 4;
 /// Longest train of single-event batches written back to back before they are awaited.
 const MAX_TRAIN: u64 = 6;
 /// Receive buffer of a heavy client: small enough that its writer often waits for room, large
@@ -188,6 +193,9 @@ fn run(cores: usize, seed: u64) {
     let strict = strict();
     let config = Config {
         max_client_backlog: 256 << 20,
+        // A shallow queue: bursts fill it, so the sequencer's waits for room (the room bell)
+        // are part of the run.
+        shard_queue_depth: SHARD_QUEUE_DEPTH,
         ..Config::ephemeral(cores)
     };
     let server = efr::server::start(config).expect("server starts");
@@ -251,15 +259,18 @@ fn run(cores: usize, seed: u64) {
             _ => {}
         }
         if rng.below(BURST_EVERY) == 0 {
-            burst.clear();
-            for _ in 0..BURST_EVENTS {
-                seq += 1;
-                let loud = FIRST_LOUD + rng.below(LOUD_USERS);
-                let event = format!("{seq}|S|{loud}\n");
-                burst.push_str(&event);
-                heavy_expected.push_str(&event);
+            // Written in small pieces: many batches in a row.
+            for _ in 0..BURST_EVENTS / BURST_PIECE {
+                burst.clear();
+                for _ in 0..BURST_PIECE {
+                    seq += 1;
+                    let loud = FIRST_LOUD + rng.below(LOUD_USERS);
+                    let event = format!("{seq}|S|{loud}\n");
+                    burst.push_str(&event);
+                    heavy_expected.push_str(&event);
+                }
+                source.write_all(burst.as_bytes()).unwrap();
             }
-            source.write_all(burst.as_bytes()).unwrap();
         }
         // A train of single-event batches, written one by one a few microseconds apart (so
         // some arrive just as a shard goes to sleep), each then awaited at its client.
