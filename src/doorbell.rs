@@ -42,6 +42,15 @@
 //!   no eventfd and no cross-thread glommio call is involved: the only cross-thread actions
 //!   are the atomic and `write(2)`, which are also async-signal-safe, so a signal handler or
 //!   a plain thread may ring.
+//! * **On the waiter's own thread**: the waiter cannot be running while another task of its
+//!   executor rings, so it is either before step 2 (it will see the condition) or suspended
+//!   after registering its waker in the bell (the ring takes and wakes it; the wait ends on
+//!   seeing `RUNG_LOCALLY`). The waker is touched only on that thread and cleared when the
+//!   wait ends, so no glommio waker crosses a thread.
+//! * **[`Doorbell::ring_if`]** skips the wake while a sleeping waiter's condition would not
+//!   be worth it yet (room bell: the channel is still more than half full). It is called after
+//!   every receive, and the receiver drains its channel through the half-way point, so the
+//!   receive that gets there sees `SLEEPING` (by the fence argument) and rings.
 //!
 //! # The glommio 0.9 traps, checked against this design
 //!
