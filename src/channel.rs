@@ -80,6 +80,17 @@ impl<T> Sender<T> {
         true
     }
 
+    /// From a thread with its own async runtime (not a glommio executor): sends, waiting
+    /// while the channel is full through flume's async send (flume then wakes that runtime's
+    /// waker, never a glommio one). Returns false when the receiver is gone.
+    pub async fn send_async(&self, message: T) -> bool {
+        if self.inner.send_async(message).await.is_err() {
+            return false;
+        }
+        self.receiver_bell.ring();
+        true
+    }
+
     /// On the executor that sends: an [`Outbox`] that waits for room through `room`.
     pub fn attach(self, room: &Rc<Room>) -> Outbox<T> {
         Outbox {
@@ -105,6 +116,16 @@ impl<T> Receiver<T> {
     pub fn ringing_on_room(mut self, room_bell: Arc<Doorbell>) -> Self {
         self.room_bell = Some(room_bell);
         self
+    }
+
+    /// For a receiver that is not a glommio executor (a thread with its own async runtime):
+    /// it receives through flume's async receive, and still rings the room bell for senders
+    /// waiting in a [`Room`]. Its own doorbell is never armed, so senders never write to it.
+    pub fn into_foreign(self) -> ForeignReceiver<T> {
+        ForeignReceiver {
+            inner: self.inner,
+            room: self.room_bell.map(|bell| (bell, self.room_low_water)),
+        }
     }
 
     /// Call on the executor whose task receives.
@@ -162,6 +183,22 @@ impl<T> Inbox<T> {
                 Err(flume::TryRecvError::Empty) => None,
             })
             .await
+    }
+}
+
+/// A receiver on a thread with its own async runtime ([`Receiver::into_foreign`]).
+#[derive(Debug)]
+pub struct ForeignReceiver<T> {
+    inner: flume::Receiver<T>,
+    room: Option<(Arc<Doorbell>, usize)>,
+}
+
+impl<T> ForeignReceiver<T> {
+    /// Receives the next message, or `None` once every sender is gone.
+    pub async fn recv_async(&self) -> Option<T> {
+        let message = self.inner.recv_async().await.ok()?;
+        freed_room(&self.inner, &self.room);
+        Some(message)
     }
 }
 
@@ -239,5 +276,54 @@ struct WaiterLoan<'a> {
 impl Drop for WaiterLoan<'_> {
     fn drop(&mut self) {
         *self.room.waiter.borrow_mut() = self.waiter.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doorbell::doorbell;
+
+    /// A glommio executor receives what a foreign thread sends with `send_async`, and sends
+    /// through a full channel to a foreign receiver, which rings the room bell.
+    #[test]
+    fn foreign_threads_send_to_and_receive_from_an_executor() {
+        const MESSAGES: u64 = 2_000;
+        let (to_executor, from_thread) = bounded::<u64>(4).unwrap();
+        let (room_bell, room_read_end) = doorbell().unwrap();
+        let (to_thread, from_executor) = bounded::<u64>(4).unwrap();
+        let from_executor = from_executor.ringing_on_room(room_bell).into_foreign();
+        let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(128 << 10)
+            .spawn(move || async move {
+                let room = Room::new(room_read_end);
+                let outbox = to_thread.attach(&room);
+                let mut inbox = from_thread.attach();
+                let mut sum = 0;
+                while let Some(value) = inbox.recv().await {
+                    sum += value;
+                    assert!(outbox.send(value).await, "the foreign receiver is there");
+                }
+                sum
+            })
+            .unwrap();
+        let echo = std::thread::spawn(move || {
+            futures_lite::future::block_on(async {
+                let mut sum = 0;
+                while let Some(value) = from_executor.recv_async().await {
+                    sum += value;
+                }
+                sum
+            })
+        });
+        futures_lite::future::block_on(async {
+            for value in 1..=MESSAGES {
+                assert!(to_executor.send_async(value).await);
+            }
+        });
+        drop(to_executor);
+        let expected = MESSAGES * (MESSAGES + 1) / 2;
+        assert_eq!(executor.join().unwrap(), expected);
+        assert_eq!(echo.join().unwrap(), expected);
     }
 }
