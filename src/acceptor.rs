@@ -34,7 +34,7 @@ pub struct Acceptor {
     /// Server-wide configuration and counters.
     pub shared: std::sync::Arc<Shared>,
     /// Command channel of each shard.
-    pub shards: Vec<flume::Sender<ShardCommand>>,
+    pub shards: Vec<channel::Outbox<ShardCommand>>,
     /// Set when the server stops.
     pub stop: Rc<Latch>,
 }
@@ -68,11 +68,12 @@ struct PendingHandshakes {
 }
 
 /// Accepts clients until the stop signal.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
+pub async fn run(accepted: channel::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
+    let mut accepted = accepted.attach();
     let pending = Rc::new(RefCell::new(PendingHandshakes::default()));
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &acceptor.stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &acceptor.stop).await else {
             break;
         };
         let shared = &acceptor.shared;
@@ -213,11 +214,9 @@ async fn identified(
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let owner = ownership.owner(user);
-    if channel::send(
-        &acceptor.shards[owner],
-        ShardCommand::Register { user, fd, tls },
-    )
-    .await
+    if acceptor.shards[owner]
+        .send(ShardCommand::Register { user, fd, tls })
+        .await
     {
         tracing::debug!("client of user {user} identified; handed to shard {owner}");
     } else {

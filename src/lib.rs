@@ -16,6 +16,7 @@ pub mod channel;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod doorbell;
 pub mod limits;
 pub mod line;
 pub mod listener;

@@ -4,8 +4,8 @@
 //! glommio 0.9 accepts through io_uring on its latency ring, and that completion was measured
 //! here not waking a sleeping executor: a burst of connections stalled for a second at a time
 //! once the listen backlog filled (the clients' SYN retransmits), 400 connections taking 2 s.
-//! A blocking `accept(2)` on its own thread takes each connection as it comes; the executor
-//! side receives through [`crate::channel::recv`], which does not depend on wake-ups alone.
+//! A blocking `accept(2)` on its own thread takes each connection as it comes and rings
+//! executor 0's doorbell for it ([`crate::channel`]); executor 0 sleeps until then.
 
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -76,7 +76,7 @@ impl AcceptThread {
     pub fn spawn(
         name: &str,
         listener: TcpListener,
-        sender: flume::Sender<OwnedFd>,
+        sender: crate::channel::Sender<OwnedFd>,
         stop: Arc<AtomicBool>,
         shared: Arc<Shared>,
     ) -> std::io::Result<AcceptThread> {
@@ -91,7 +91,7 @@ impl AcceptThread {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             pause = ACCEPT_ERROR_PAUSE;
-                            if sender.send(OwnedFd::from(stream)).is_err() {
+                            if !sender.send_blocking(OwnedFd::from(stream)) {
                                 break;
                             }
                         }
@@ -151,10 +151,13 @@ impl AcceptThread {
 /// On executor 0: the next connection from an accept thread, as a glommio stream, or `None`
 /// once `stop` is set or the accept thread is gone.
 pub async fn next_connection(
-    accepted: &flume::Receiver<OwnedFd>,
+    accepted: &mut crate::channel::Inbox<OwnedFd>,
     stop: &crate::notify::Latch,
 ) -> Option<glommio::net::TcpStream> {
-    let fd = futures_lite::future::or(crate::channel::recv(accepted), async {
+    if stop.is_set() {
+        return None;
+    }
+    let fd = futures_lite::future::or(accepted.recv(), async {
         stop.wait().await;
         None
     })

@@ -58,10 +58,15 @@ pub fn resident_memory_bytes() -> Option<u64> {
 }
 
 /// Serves the metrics page until the stop signal, at most `--metrics-max-connections` at once.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, shared: Arc<Shared>, stop: Rc<Latch>) {
+pub async fn run(
+    accepted: crate::channel::Receiver<OwnedFd>,
+    shared: Arc<Shared>,
+    stop: Rc<Latch>,
+) {
+    let mut accepted = accepted.attach();
     let open = Rc::new(Cell::new(0usize));
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &stop).await else {
             break;
         };
         let max = shared.config.metrics_max_connections;

@@ -3,7 +3,8 @@
 //! batch. At source close it delivers what is left (skipping holes), then tells the shards to
 //! end the session.
 //!
-//! Backpressure: the shard channels are bounded; when a shard falls behind, `send_async` waits,
+//! Backpressure: the shard channels are bounded; when a shard falls behind, the send waits on
+//! executor 0's room doorbell (rung by the shard as it takes commands, see [`crate::channel`]),
 //! the sequencer stops reading, and TCP pushes back on the source.
 
 use std::cell::Cell;
@@ -21,9 +22,10 @@ use crate::batch::{BatchPool, OrderedBatch};
 use crate::channel;
 use crate::line::{Line, LineSplitter};
 use crate::listener;
-use crate::notify::Latch;
+use crate::notify::{Latch, Notify};
 use crate::protocol::{parse_event, EventKind, LineError};
 use crate::resequencer::{Admission, Resequencer};
+use crate::router::Ownership;
 use crate::server::Shared;
 use crate::shard::{reactor_pass, ShardCommand};
 use crate::stats::{excerpt, Counters, Fault};
@@ -39,7 +41,7 @@ pub struct Sequencer {
     /// Server-wide configuration and counters.
     pub shared: Arc<Shared>,
     /// Command channel of each shard.
-    pub shards: Vec<flume::Sender<ShardCommand>>,
+    pub shards: Vec<channel::Outbox<ShardCommand>>,
     /// Set when the server stops.
     pub stop: Rc<Latch>,
     /// Whether a source session is running.
@@ -49,6 +51,10 @@ pub struct Sequencer {
     /// dropped for the source to send again. None: every session starts at
     /// `--sequence-index` + 1 and ends with a reset.
     pub resume_at: Cell<Option<u64>>,
+    /// Notified when a session ends (`session_active` turns false).
+    pub session_ended: Notify,
+    /// Which shard owns which user, to send each batch only where it matters.
+    ownership: Ownership,
 }
 
 /// Per-read tallies, added to the shared counters once per read.
@@ -68,43 +74,112 @@ impl Sequencer {
     /// A sequencer sending to `shards`.
     pub fn new(
         shared: Arc<Shared>,
-        shards: Vec<flume::Sender<ShardCommand>>,
+        shards: Vec<channel::Outbox<ShardCommand>>,
         stop: Rc<Latch>,
     ) -> Self {
         Sequencer {
+            ownership: Ownership::new(shards.len()),
             shared,
             shards,
             stop,
             session_active: Cell::new(false),
             resume_at: Cell::new(None),
+            session_ended: Notify::default(),
         }
     }
 
     /// Sends a command to every shard, in shard order.
     pub async fn broadcast(&self, make: impl Fn() -> ShardCommand) {
         for shard in &self.shards {
-            channel::send(shard, make()).await;
+            shard.send(make()).await;
         }
     }
 
+    /// Sends the batch to the shards it concerns (in shard order), so that a shard is not
+    /// woken for a batch it would apply as a no-op.
     async fn send_batch(&self, batch: Arc<OrderedBatch>, pool: &mut BatchPool) {
         pool.remember(&batch);
         if batch.is_empty() {
             return;
         }
+        let concerned = ConcernedShards::of(&batch, &self.ownership, self.shards.len());
         Counters::add(&self.shared.counters.events_delivered, batch.len() as u64);
         Counters::add(
             &self.shared.counters.batch_deliveries,
-            self.shards.len() as u64,
+            concerned.count(self.shards.len()),
         );
-        self.broadcast(|| ShardCommand::Batch(batch.clone())).await;
+        for (index, shard) in self.shards.iter().enumerate() {
+            if concerned.includes(index) {
+                shard.send(ShardCommand::Batch(batch.clone())).await;
+            }
+        }
+    }
+}
+
+/// The shards that have something to do for a batch (`Router::apply`): for a follow the
+/// owners of both users (edge, notification), an unfollow the follower's owner, a private
+/// message the recipient's, and every shard for a status update (followers live anywhere) or
+/// a broadcast. Single-event batches, where this matters, wake one or two executors instead
+/// of all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConcernedShards {
+    All,
+    /// Bit i: shard i (used when there are at most 64 shards).
+    Some(u64),
+}
+
+impl ConcernedShards {
+    fn of(batch: &OrderedBatch, ownership: &Ownership, shards: usize) -> Self {
+        // One receiver (a single shard, or an ingest's publisher, which must see every seq)
+        // gets everything; past 64 shards the mask does not fit.
+        if shards <= 1 || shards > 64 {
+            return ConcernedShards::All;
+        }
+        let all = if shards == 64 {
+            u64::MAX
+        } else {
+            (1u64 << shards) - 1
+        };
+        let mut mask = 0u64;
+        for batched in batch.events() {
+            let event = batched.event;
+            match event.kind {
+                EventKind::Status | EventKind::Broadcast => return ConcernedShards::All,
+                EventKind::Follow => {
+                    mask |= 1 << ownership.owner(event.from);
+                    mask |= 1 << ownership.owner(event.to);
+                }
+                EventKind::Unfollow => mask |= 1 << ownership.owner(event.from),
+                EventKind::Private => mask |= 1 << ownership.owner(event.to),
+                EventKind::Malformed => {}
+            }
+            if mask == all {
+                return ConcernedShards::All;
+            }
+        }
+        ConcernedShards::Some(mask)
+    }
+
+    fn includes(self, shard: usize) -> bool {
+        match self {
+            ConcernedShards::All => true,
+            ConcernedShards::Some(mask) => mask & (1 << shard) != 0,
+        }
+    }
+
+    fn count(self, shards: usize) -> u64 {
+        match self {
+            ConcernedShards::All => shards as u64,
+            ConcernedShards::Some(mask) => u64::from(mask.count_ones()),
+        }
     }
 }
 
 /// Accepts event sources until the stop signal; refuses a second one while one is connected.
-pub async fn run(accepted: flume::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
+pub async fn run(accepted: channel::Receiver<OwnedFd>, sequencer: Rc<Sequencer>) {
+    let mut accepted = accepted.attach();
     loop {
-        let Some(stream) = listener::next_connection(&accepted, &sequencer.stop).await else {
+        let Some(stream) = listener::next_connection(&mut accepted, &sequencer.stop).await else {
             break;
         };
         let allowed = &sequencer.shared.config.source_allow;
@@ -264,7 +339,7 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
     if stopped {
         // Shutdown: what was in order has been delivered; the stop task ends the shards.
         tracing::info!("event source session stopped by shutdown");
-        sequencer.session_active.set(false);
+        end_session(&sequencer);
         return;
     }
     let mut final_batch = pool.take();
@@ -307,7 +382,12 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
         "event source closed; session ended ({})",
         counters.summary()
     );
+    end_session(&sequencer);
+}
+
+fn end_session(sequencer: &Sequencer) {
     sequencer.session_active.set(false);
+    sequencer.session_ended.notify();
 }
 
 async fn read_some(
@@ -470,4 +550,54 @@ fn process_lines(
     Counters::add(&counters.events_already_delivered, tally.already_delivered);
     Counters::add(&counters.events_beyond_window, tally.beyond_window);
     Counters::add(&counters.events_over_byte_limit, tally.over_byte_limit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse_event;
+
+    fn batch(lines: &[&str]) -> OrderedBatch {
+        let mut batch = OrderedBatch::with_capacity(lines.len());
+        for line in lines {
+            batch.push(parse_event(line.as_bytes()).unwrap(), line.as_bytes());
+        }
+        batch
+    }
+
+    fn owners(ownership: &Ownership, users: &[u64]) -> u64 {
+        users
+            .iter()
+            .fold(0, |mask, &u| mask | 1 << ownership.owner(u))
+    }
+
+    #[test]
+    fn a_batch_goes_only_to_the_shards_that_act_on_it() {
+        let ownership = Ownership::new(8);
+        let of = |lines: &[&str]| ConcernedShards::of(&batch(lines), &ownership, 8);
+        assert_eq!(
+            of(&["1|P|3|4"]),
+            ConcernedShards::Some(owners(&ownership, &[4]))
+        );
+        assert_eq!(
+            of(&["1|F|3|4"]),
+            ConcernedShards::Some(owners(&ownership, &[3, 4]))
+        );
+        assert_eq!(
+            of(&["1|U|3|4", "2|P|5|6"]),
+            ConcernedShards::Some(owners(&ownership, &[3, 6]))
+        );
+        assert_eq!(of(&["1|P|3|4", "2|S|9"]), ConcernedShards::All);
+        assert_eq!(of(&["1|B"]), ConcernedShards::All);
+        assert_eq!(of(&["1|X|3"]), ConcernedShards::Some(0));
+        let users: Vec<String> = (1..=200).map(|u| format!("{u}|P|1|{u}")).collect();
+        let lines: Vec<&str> = users.iter().map(String::as_str).collect();
+        assert_eq!(of(&lines), ConcernedShards::All, "every shard concerned");
+        let one = ConcernedShards::of(&batch(&["1|P|3|4"]), &Ownership::new(1), 1);
+        assert_eq!(one, ConcernedShards::All);
+        assert_eq!(
+            ConcernedShards::of(&batch(&["1|P|3|4"]), &Ownership::new(65), 65),
+            ConcernedShards::All
+        );
+    }
 }

@@ -3,7 +3,13 @@
 //!
 //! Executor 0 runs the sequencer, the client acceptor, the stop watcher and shard 0; executor
 //! i > 0 runs shard i. [`start`] returns once the listeners are bound (so a test can use
-//! ephemeral ports at once); [`run`] is `start` then wait, as the binary uses it.
+//! ephemeral ports at once); [`run`] is `start`, stop on SIGINT/SIGTERM, then wait, as the
+//! binary uses it.
+//!
+//! Every wait between threads goes through a [`crate::doorbell`]: each shard's command
+//! channel, executor 0's room bell (a full shard channel), the accept threads' hand-off, and
+//! the stop bell (rung by [`StopRequest::request`], which SIGINT/SIGTERM, a failing cluster
+//! thread and [`RunningServer::stop`] call). An idle server has no timer armed and no thread that wakes.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -15,30 +21,30 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
+use crate::channel::{self, Room};
 use crate::cluster;
 use crate::config::{cpu_count, Config, Role};
+use crate::doorbell::{doorbell, BellReadEnd};
 use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, ShardCommand};
 use crate::stats::{Counters, FaultLog};
-
-/// How often the stop watcher looks at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(20);
+use crate::stop::StopRequest;
 
 /// glommio's preemption timer, effectively off.
 ///
-/// glommio 0.9 parks an executor whose task queue is still runnable when a preemption is
-/// already pending as it starts running tasks (`run_task_queues` reads "preempted before
-/// running anything" as "nothing to run"; fixed in the community fork, not on crates.io). On a
-/// loaded machine a thread descheduled for longer than the preemption period right after
-/// polling I/O hits it, and the executor sleeps until some unrelated I/O arrives: measured
-/// here as 10M-event runs stalling for seconds with batches queued in an idle shard, far more
-/// often with a 1 ms period. efr does not rely on preemption: its long-running tasks (the
-/// sequencer and the shards) pass through the reactor explicitly after each turn
-/// ([`crate::shard::reactor_pass`]), so I/O and wake-ups from other executors are handled
-/// between turns. With the timer off the pending preemption never happens.
+/// glommio 0.9 parks an executor whose task queue is still runnable when a latency-ring
+/// completion that wakes no task is pending as it starts running tasks (`run_task_queues`
+/// reads "preempted before running anything" as "nothing to run"; fixed in the community
+/// fork, not on crates.io). The preemption timer's expiry is such a completion: measured here
+/// as 10M-event runs stalling for seconds with batches queued in an idle shard, far more often
+/// with a 1 ms period. The timer is re-armed every time the executor polls I/O, so with an
+/// hour it never fires, and [`crate::doorbell`] explains why nothing else of efr's puts such a
+/// completion on the latency ring. efr does not rely on preemption: its long-running tasks
+/// (the sequencer and the shards) pass through the reactor explicitly while they have work
+/// queued ([`crate::shard::reactor_pass`]).
 const PREEMPT_TIMER: Duration = Duration::from_secs(3600);
 
 /// What every executor shares: the configuration, the counters, the fault log.
@@ -76,6 +82,11 @@ impl RunningServer {
     /// Asks the server to stop (as SIGTERM does).
     pub fn stop(&self) {
         self.shared.config.stop.request();
+    }
+
+    /// A handle that stops the server from another thread or a signal handler.
+    pub fn stop_handle(&self) -> StopRequest {
+        self.shared.config.stop.clone()
     }
 
     /// Waits until every executor has ended (after a stop), then ends the accept threads.
@@ -156,31 +167,45 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         &shared.counters.open_file_limit,
         open_file_limit.unwrap_or(0),
     );
+    // Executor 0 sends to every shard and waits on one room bell when a channel is full;
+    // every shard (or the ingest's publisher) rings it as it takes commands.
+    let (room_bell, room_read_end) = doorbell()?;
     let mut cluster_threads = Vec::new();
     let mut resume_at = None;
-    let (senders, receivers): (Vec<_>, Vec<_>) = match role {
+    let mut senders = Vec::with_capacity(cores);
+    let mut receivers = Vec::with_capacity(cores);
+    match role {
         Role::Ingest => {
-            let publisher = cluster::ingest::start(shared.clone())?;
+            let (sender, receiver) =
+                channel::bounded::<ShardCommand>(shared.config.shard_queue_depth)?;
+            let publisher = cluster::ingest::start(
+                shared.clone(),
+                receiver.ringing_on_room(room_bell.clone()).into_foreign(),
+            )?;
             cluster_threads.push(publisher.thread);
             resume_at = publisher.resume_at;
-            (vec![publisher.sender], vec![None])
+            senders.push(sender);
+            receivers.push(None);
         }
-        Role::All | Role::Edge => (0..cores)
-            .map(|_| {
+        Role::All | Role::Edge => {
+            for _ in 0..cores {
                 let (sender, receiver) =
-                    flume::bounded::<ShardCommand>(shared.config.shard_queue_depth);
-                (sender, Some(receiver))
-            })
-            .unzip(),
-    };
+                    channel::bounded::<ShardCommand>(shared.config.shard_queue_depth)?;
+                senders.push(sender);
+                receivers.push(Some(receiver.ringing_on_room(room_bell.clone())));
+            }
+        }
+    }
     if role == Role::Edge {
         cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
     }
+    let (stop_bell, stop_read_end) = doorbell()?;
+    shared.config.stop.ring_on_request(stop_bell);
     let stop_flag = shared.config.shutdown.clone();
     let mut accept_threads = Vec::new();
     let events = match event_listener {
         Some(listener) => {
-            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
             accept_threads.push(AcceptThread::spawn(
                 "efr-accept-events",
                 listener,
@@ -194,7 +219,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     };
     let clients = match client_listener {
         Some(listener) => {
-            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
             accept_threads.push(AcceptThread::spawn(
                 "efr-accept-clients",
                 listener,
@@ -208,7 +233,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     };
     let metrics_receiver = match metrics_listener {
         Some(listener) => {
-            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
             accept_threads.push(AcceptThread::spawn(
                 "efr-accept-metrics",
                 listener,
@@ -225,6 +250,8 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         clients,
         metrics: metrics_receiver,
         resume_at,
+        room: room_read_end,
+        stop: stop_read_end,
     });
     let mut executors = Vec::with_capacity(cores);
     for (index, receiver) in receivers.into_iter().enumerate() {
@@ -277,9 +304,12 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     })
 }
 
-/// Starts and runs a server until it is stopped.
+/// Starts and runs a server until it is stopped by SIGINT or SIGTERM.
 pub fn run(config: Config) -> std::io::Result<()> {
     let server = start(config)?;
+    // SIGINT/SIGTERM record the moment, raise the flag and ring the stop bell from the
+    // handler itself: no thread, no polling.
+    server.shared.config.stop.handle_signals()?;
     tracing::info!(
         "efr-sharded listening: events on {}, clients on {}, {} shard(s)",
         server.event_addr,
@@ -292,33 +322,44 @@ pub fn run(config: Config) -> std::io::Result<()> {
     server.wait()
 }
 
-/// What executor 0 accepts from: the accept threads' channels (none for a listener the role
-/// does not bind) and the metrics listener; and where a resuming ingest starts.
+/// What executor 0 waits on: the accept threads' channels (none for a listener the role does
+/// not bind), the room bell of the shard channels, the stop bell; and where a resuming ingest
+/// starts.
 struct Listeners {
-    events: Option<flume::Receiver<OwnedFd>>,
-    clients: Option<flume::Receiver<OwnedFd>>,
-    metrics: Option<flume::Receiver<OwnedFd>>,
+    events: Option<channel::Receiver<OwnedFd>>,
+    clients: Option<channel::Receiver<OwnedFd>>,
+    metrics: Option<channel::Receiver<OwnedFd>>,
     resume_at: Option<u64>,
+    room: BellReadEnd,
+    stop: BellReadEnd,
 }
 
 /// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger. Returns
 /// the stop watcher, which ends once the shards were told to stop.
 fn start_front(
     shared: Arc<Shared>,
-    senders: Vec<flume::Sender<ShardCommand>>,
+    senders: Vec<channel::Sender<ShardCommand>>,
     listeners: Listeners,
 ) -> glommio::Task<()> {
+    let room = Room::new(listeners.room);
+    let outboxes = |senders: &[channel::Sender<ShardCommand>]| {
+        senders
+            .iter()
+            .map(|sender| sender.clone().attach(&room))
+            .collect::<Vec<_>>()
+    };
     let stop = Rc::new(Latch::default());
     let sequencer = Rc::new(Sequencer::new(
         shared.clone(),
-        senders.clone(),
+        outboxes(&senders),
         stop.clone(),
     ));
     let acceptor = Rc::new(Acceptor {
         shared: shared.clone(),
-        shards: senders,
+        shards: outboxes(&senders),
         stop: stop.clone(),
     });
+    drop(senders);
     sequencer.resume_at.set(listeners.resume_at);
     if let Some(events) = listeners.events {
         glommio::spawn_local(sequencer::run(events, sequencer.clone())).detach();
@@ -330,25 +371,34 @@ fn start_front(
         glommio::spawn_local(metrics::run(accepted, shared.clone(), stop.clone())).detach();
     }
     if let Some(interval) = shared.config.stats_interval {
+        // The one periodic timer, and only when asked for (off by default). A line equal to
+        // the last one is not repeated.
         let shared = shared.clone();
         let stop = stop.clone();
         glommio::spawn_local(async move {
+            let mut last = String::new();
             while !stop.is_set() {
                 glommio::timer::sleep(interval).await;
-                tracing::info!("stats: {}", shared.counters.summary());
+                let summary = shared.counters.summary();
+                if summary != last {
+                    tracing::info!("stats: {summary}");
+                    last = summary;
+                }
             }
         })
         .detach();
     }
+    let mut stop_bell = listeners.stop.into_waiter();
     glommio::spawn_local(async move {
-        while !shared.config.shutdown.load(Ordering::SeqCst) {
-            glommio::timer::sleep(STOP_POLL).await;
-        }
-        shared.config.stop.stamp();
+        let stop_request = &shared.config.stop;
+        stop_bell
+            .wait_until(|| stop_request.is_requested().then_some(()))
+            .await;
+        stop_request.stamp();
         tracing::info!("stopping: no new connections; writing out pending output");
         stop.set();
         while sequencer.session_active.get() {
-            glommio::timer::sleep(STOP_POLL).await;
+            sequencer.session_ended.wait().await;
         }
         sequencer.broadcast(|| ShardCommand::Shutdown).await;
         tracing::info!("stopped ({})", shared.counters.summary());

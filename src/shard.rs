@@ -48,14 +48,20 @@ pub enum ShardCommand {
 /// Commands handled before the shard lets its writers run; bounds the wait of a writer.
 const COMMANDS_PER_TURN: usize = 16;
 
-/// How long a long-running task (the sequencer, a shard) sleeps after each turn.
-const REACTOR_PASS: Duration = Duration::from_micros(20);
+/// The timer of [`reactor_pass`]: long enough that it is still pending when first polled, so
+/// the caller really leaves the task queue, and short enough to cost nothing measurable.
+const REACTOR_PASS: Duration = Duration::from_micros(1);
 
-/// Lets the executor poll I/O and run the other tasks before the caller goes on.
+/// Lets the executor poll I/O and run the other tasks before the caller goes on. Called only
+/// while the caller has more work queued (a shard whose channel is not empty, a sequencer
+/// whose source just delivered data): an idle executor never arms it.
 ///
 /// A plain `yield_now` keeps the task queue runnable, and glommio then polls I/O only at
-/// preemption, which efr keeps off (see `server.rs`). A short timer empties the queue instead:
-/// the executor polls I/O, runs the writers and readers it woke, then resumes the caller.
+/// preemption, which efr keeps off (see `server.rs`). A timer that is not yet due empties the
+/// queue instead: the executor polls I/O, runs the writers and readers it woke, finds the
+/// timer due and resumes the caller. glommio keeps such timers in its own timer wheel and only
+/// puts a kernel timeout on the latency ring when the executor is about to sleep, which it
+/// cancels in the next I/O poll, before any task runs (see [`crate::doorbell`]).
 pub async fn reactor_pass() {
     glommio::timer::sleep(REACTOR_PASS).await;
 }
@@ -90,7 +96,8 @@ impl ShardState {
 }
 
 /// Runs shard `index` until it receives [`ShardCommand::Shutdown`] (or every sender is gone).
-pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<ShardCommand>) {
+pub async fn run(index: usize, shared: Arc<Shared>, commands: channel::Receiver<ShardCommand>) {
+    let mut commands = commands.attach();
     let config = &shared.config;
     let state = Rc::new(ShardState {
         router: RefCell::new(Router::new(index, config.cores, config.max_client_backlog)),
@@ -102,7 +109,7 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
     let mut dirty = Vec::new();
     let mut over_backlog = Vec::new();
     'commands: loop {
-        let Some(first) = channel::recv(&commands).await else {
+        let Some(first) = commands.recv().await else {
             break;
         };
         let mut next = Some(first);
@@ -136,7 +143,11 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: flume::Receiver<Sh
             }
         }
         after_commands(&state, &mut dirty, &mut over_backlog);
-        reactor_pass().await;
+        // Let the writers and the executor's I/O run between turns. With an empty channel
+        // the next `recv` sleeps on the doorbell, which does that without a timer.
+        if !commands.is_empty() {
+            reactor_pass().await;
+        }
     }
     drain_writers(&state, output_budget::drain_time(&shared)).await;
 }

@@ -3,8 +3,10 @@
 //! moment a busy executor gets round to noticing it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use crate::doorbell::Doorbell;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`; async-signal-safe (one `clock_gettime`).
 pub fn monotonic_ns() -> u64 {
@@ -26,6 +28,8 @@ pub struct StopRequest {
     pub flag: Arc<AtomicBool>,
     /// [`monotonic_ns`] of the first request; 0 while none came.
     at_ns: Arc<AtomicU64>,
+    /// Executor 0's stop bell, once the server has started: a request rings it.
+    bell: Arc<OnceLock<Arc<Doorbell>>>,
 }
 
 impl StopRequest {
@@ -34,6 +38,7 @@ impl StopRequest {
         StopRequest {
             flag,
             at_ns: Arc::new(AtomicU64::new(0)),
+            bell: Arc::default(),
         }
     }
 
@@ -41,6 +46,15 @@ impl StopRequest {
     pub fn request(&self) {
         self.stamp();
         self.flag.store(true, Ordering::SeqCst);
+        if let Some(bell) = self.bell.get() {
+            bell.ring();
+        }
+    }
+
+    /// Rings `bell` at every request from now on (the server's stop watcher sleeps on it).
+    /// A request that came before is seen by the watcher's first look at the flag.
+    pub fn ring_on_request(&self, bell: Arc<Doorbell>) {
+        let _ = self.bell.set(bell);
     }
 
     /// Records now as the moment of the request, unless one was recorded already.
@@ -70,8 +84,8 @@ impl StopRequest {
     pub fn handle_signals(&self) -> std::io::Result<()> {
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             let request = self.clone();
-            // SAFETY: the action only reads the clock and stores to atomics, which is
-            // async-signal-safe.
+            // SAFETY: the action only reads the clock, stores to atomics and rings the stop
+            // bell (a fence, a load, a swap and one write(2)): all async-signal-safe.
             unsafe {
                 signal_hook::low_level::register(signal, move || request.request())?;
             }

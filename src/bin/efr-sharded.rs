@@ -1,5 +1,5 @@
-//! `efr-sharded`: parse the flags, set up logging and signals, run the server. Two helper
-//! subcommands print a shell completion script and the man page.
+//! `efr-sharded`: parse the flags, set up logging, run the server (which stops on SIGINT and
+//! SIGTERM). Two helper subcommands print a shell completion script and the man page.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -74,10 +74,6 @@ fn main() -> ExitCode {
             eprintln!("efr-sharded: cannot handle SIGHUP for certificate reloads: {error}");
             return ExitCode::from(2);
         }
-    }
-    if let Err(error) = config.stop.handle_signals() {
-        eprintln!("efr-sharded: cannot handle SIGINT/SIGTERM: {error}");
-        return ExitCode::from(2);
     }
     match efr::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,

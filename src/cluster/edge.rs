@@ -20,6 +20,7 @@ use futures_lite::StreamExt;
 use super::wire::{decode_events, Envelope, Kind};
 use super::{connect, runtime, STOP_CHECK};
 use crate::batch::BatchPool;
+use crate::channel;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
 use crate::stats::{Counters, Fault};
@@ -37,15 +38,15 @@ const BATCH_POOL_SLACK: usize = 4;
 
 /// Hands a command to one shard, waiting while its channel is full. Every command the edge
 /// sends a shard goes through here. Returns false when the shard is gone.
-async fn deliver(shard: &flume::Sender<ShardCommand>, command: ShardCommand) -> bool {
-    shard.send_async(command).await.is_ok()
+async fn deliver(shard: &channel::Sender<ShardCommand>, command: ShardCommand) -> bool {
+    shard.send_async(command).await
 }
 
 /// Connects to NATS and starts the consumer thread, which feeds `shards` until the server
 /// stops. Fails when NATS cannot be reached within `--nats-connect-timeout-ms`.
 pub fn start(
     shared: Arc<Shared>,
-    shards: Vec<flume::Sender<ShardCommand>>,
+    shards: Vec<channel::Sender<ShardCommand>>,
 ) -> std::io::Result<JoinHandle<Result<(), String>>> {
     let (ready_sender, ready) = std::sync::mpsc::channel::<Result<(), String>>();
     let thread = std::thread::Builder::new()
@@ -54,7 +55,7 @@ pub fn start(
             let result = run(shared.clone(), shards, ready_sender);
             if let Err(error) = &result {
                 tracing::error!("edge stops: {error}");
-                shared.config.shutdown.store(true, Ordering::SeqCst);
+                shared.config.stop.request();
             }
             result
         })?;
@@ -75,7 +76,7 @@ pub fn start(
 
 fn run(
     shared: Arc<Shared>,
-    shards: Vec<flume::Sender<ShardCommand>>,
+    shards: Vec<channel::Sender<ShardCommand>>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let runtime = match runtime() {
@@ -119,7 +120,7 @@ fn run(
 /// What the consumer knows of the stream.
 struct EdgeConsumer {
     shared: Arc<Shared>,
-    shards: Vec<flume::Sender<ShardCommand>>,
+    shards: Vec<channel::Sender<ShardCommand>>,
     pool: BatchPool,
     /// Last event seq applied in the current session (None at start and after a reset).
     applied: Option<u64>,

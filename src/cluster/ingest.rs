@@ -28,6 +28,7 @@ use bytes::Bytes;
 
 use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
 use super::{chain_end, connect, runtime, subject, STOP_CHECK};
+use crate::channel::ForeignReceiver;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
 use crate::stats::{Counters, Fault};
@@ -40,18 +41,20 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// A started publisher.
 pub struct Publisher {
-    /// Where the sequencer sends its batches (the ingest's only "shard").
-    pub sender: flume::Sender<ShardCommand>,
     /// With `--resume`: the seq the first session starts at (after the stream's last batch).
     pub resume_at: Option<u64>,
     /// The publisher thread; its error says why the ingest must stop.
     pub thread: JoinHandle<Result<(), String>>,
 }
 
-/// Connects to NATS, reads where the stream ends, and starts the publisher thread. Fails when
-/// NATS cannot be reached within `--nats-connect-timeout-ms`.
-pub fn start(shared: Arc<Shared>) -> std::io::Result<Publisher> {
-    let (sender, commands) = flume::bounded(shared.config.shard_queue_depth);
+/// Connects to NATS, reads where the stream ends, and starts the publisher thread, which
+/// publishes what the sequencer sends on `commands` (the ingest's only "shard"; taking a
+/// command rings the sequencer's room bell). Fails when NATS cannot be reached within
+/// `--nats-connect-timeout-ms`.
+pub fn start(
+    shared: Arc<Shared>,
+    commands: ForeignReceiver<ShardCommand>,
+) -> std::io::Result<Publisher> {
     let (ready_sender, ready) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("efr-nats-publish".into())
@@ -59,16 +62,12 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Publisher> {
             let result = run(shared.clone(), commands, ready_sender);
             if let Err(error) = &result {
                 tracing::error!("ingest stops: {error}");
-                shared.config.shutdown.store(true, Ordering::SeqCst);
+                shared.config.stop.request();
             }
             result
         })?;
     match ready.recv() {
-        Ok(Ok(resume_at)) => Ok(Publisher {
-            sender,
-            resume_at,
-            thread,
-        }),
+        Ok(Ok(resume_at)) => Ok(Publisher { resume_at, thread }),
         Ok(Err(error)) => {
             let _ = thread.join();
             Err(std::io::Error::other(error))
@@ -89,7 +88,7 @@ type Ready = std::sync::mpsc::Sender<Result<Option<u64>, String>>;
 
 fn run(
     shared: Arc<Shared>,
-    commands: flume::Receiver<ShardCommand>,
+    commands: ForeignReceiver<ShardCommand>,
     ready: Ready,
 ) -> Result<(), String> {
     let runtime = match runtime() {
@@ -205,7 +204,7 @@ impl ChainPublisher {
     /// Publishes what the sequencer sends until a shutdown.
     async fn serve(
         &mut self,
-        commands: flume::Receiver<ShardCommand>,
+        commands: ForeignReceiver<ShardCommand>,
         first_seq: u64,
     ) -> Result<(), String> {
         let nats = &self.shared.config.nats;
@@ -219,8 +218,8 @@ impl ChainPublisher {
                 flush_interval.saturating_sub(opened_at.elapsed())
             };
             let command = match tokio::time::timeout(wait, commands.recv_async()).await {
-                Ok(Ok(command)) => command,
-                Ok(Err(_)) => ShardCommand::Shutdown,
+                Ok(Some(command)) => command,
+                Ok(None) => ShardCommand::Shutdown,
                 Err(_) => {
                     if !builder.is_empty() && opened_at.elapsed() >= flush_interval {
                         self.seal(&mut builder).await?;
