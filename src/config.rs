@@ -43,6 +43,32 @@ pub const DEFAULT_SHARD_QUEUE_DEPTH: usize = 64;
 pub const DEFAULT_IO_MEMORY_KIB: usize = 128;
 /// Upper bound for `--cores`.
 pub const MAX_CORES: usize = 256;
+/// NATS server a cluster node (`--role ingest|edge`) connects to.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// JetStream stream of a cluster; its subject is `<stream>.ev`.
+pub const DEFAULT_NATS_STREAM: &str = "EFR";
+/// Largest payload of one stream message (whole event lines) the ingest publishes.
+pub const DEFAULT_NATS_MESSAGE_BYTES: usize = 64 * 1024;
+/// The ingest publishes a partly filled message after this many microseconds.
+pub const DEFAULT_NATS_FLUSH_US: u64 = 1_000;
+/// Messages the ingest publishes before it waits for the oldest acknowledgement.
+pub const DEFAULT_NATS_PUBLISH_IN_FLIGHT: usize = 256;
+/// Messages an edge asks for in one pull (a pull is also bounded in bytes by this times
+/// `--nats-message-bytes`).
+pub const DEFAULT_NATS_PULL_MESSAGES: usize = 64;
+/// How long a cluster node waits for NATS at start before it gives up.
+pub const DEFAULT_NATS_CONNECT_TIMEOUT_MS: u64 = 10_000;
+
+/// What a process does: everything (one machine), or one role of a NATS JetStream cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Source, ordering, shards and clients in one process; no NATS (default).
+    All,
+    /// Owns the event source: parses, puts events in order, publishes ordered batches.
+    Ingest,
+    /// Consumes the ordered batches and serves user clients.
+    Edge,
+}
 
 /// Which resequencer orders the events (PROTOCOL.md section 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -158,6 +184,35 @@ pub struct Args {
     /// of them (mutual TLS). Needs --tls-cert.
     #[arg(long, env = "EFR_SOURCE_CLIENT_CA", requires = "tls_cert")]
     pub source_client_ca: Option<std::path::PathBuf>,
+    /// all (default: one process, no NATS), ingest (event source, publishes to NATS) or edge
+    /// (consumes from NATS, serves clients).
+    #[arg(long, env = "EFR_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    /// NATS server of a cluster node.
+    #[arg(long, env = "EFR_NATS", default_value = DEFAULT_NATS_URL)]
+    pub nats: String,
+    /// JetStream stream of the cluster (subject `<name>.ev`).
+    #[arg(long, env = "EFR_NATS_STREAM", default_value = DEFAULT_NATS_STREAM)]
+    pub nats_stream: String,
+    /// Ingest: a source that reconnects (or an ingest that restarts) goes on from the last
+    /// published event instead of resetting; events sent again are dropped.
+    #[arg(long, env = "EFR_RESUME")]
+    pub resume: bool,
+    /// Ingest: largest payload of one published message, in bytes.
+    #[arg(long, env = "EFR_NATS_MESSAGE_BYTES", default_value_t = DEFAULT_NATS_MESSAGE_BYTES)]
+    pub nats_message_bytes: usize,
+    /// Ingest: microseconds after which a partly filled message is published.
+    #[arg(long, env = "EFR_NATS_FLUSH_US", default_value_t = DEFAULT_NATS_FLUSH_US)]
+    pub nats_flush_us: u64,
+    /// Ingest: messages published before waiting for the oldest acknowledgement.
+    #[arg(long, env = "EFR_NATS_PUBLISH_IN_FLIGHT", default_value_t = DEFAULT_NATS_PUBLISH_IN_FLIGHT)]
+    pub nats_publish_in_flight: usize,
+    /// Edge: messages asked for in one pull.
+    #[arg(long, env = "EFR_NATS_PULL_MESSAGES", default_value_t = DEFAULT_NATS_PULL_MESSAGES)]
+    pub nats_pull_messages: usize,
+    /// Milliseconds a cluster node waits for NATS at start.
+    #[arg(long, env = "EFR_NATS_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_NATS_CONNECT_TIMEOUT_MS)]
+    pub nats_connect_timeout_ms: u64,
 }
 
 /// Why a configuration was refused.
@@ -215,8 +270,33 @@ pub struct Config {
     pub source_idle_timeout: Option<Duration>,
     /// TLS on both ports, if on.
     pub tls: Option<Arc<TlsConfigs>>,
+    /// What this process does.
+    pub role: Role,
+    /// NATS settings of a cluster node (unused with `Role::All`).
+    pub nats: NatsConfig,
     /// Set to true to stop the server (SIGINT/SIGTERM or a test's handle).
     pub shutdown: Arc<AtomicBool>,
+}
+
+/// NATS settings of a cluster node.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URL.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Ingest: resume sessions from the stream instead of resetting.
+    pub resume: bool,
+    /// Ingest: largest message payload.
+    pub message_bytes: usize,
+    /// Ingest: flush interval of a partly filled message.
+    pub flush_interval: Duration,
+    /// Ingest: unacknowledged messages at most.
+    pub publish_in_flight: usize,
+    /// Edge: messages per pull.
+    pub pull_messages: usize,
+    /// Connection deadline at start.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Config {
@@ -313,6 +393,30 @@ impl Args {
             )),
             _ => None,
         };
+        if self.nats_message_bytes < 1024 || self.nats_message_bytes > 8 * 1024 * 1024 {
+            return Err(ConfigError(
+                "--nats-message-bytes must be 1024..=8388608".into(),
+            ));
+        }
+        if self.nats_flush_us == 0
+            || self.nats_publish_in_flight == 0
+            || self.nats_pull_messages == 0
+            || self.nats_connect_timeout_ms == 0
+        {
+            return Err(ConfigError(
+                "--nats-flush-us, --nats-publish-in-flight, --nats-pull-messages and --nats-connect-timeout-ms must be positive".into(),
+            ));
+        }
+        if self.nats_stream.is_empty()
+            || !self
+                .nats_stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError(
+                "--nats-stream must be letters, digits, '-' or '_'".into(),
+            ));
+        }
         if self.stats_interval == Some(0) {
             return Err(ConfigError("--stats-interval must be positive".into()));
         }
@@ -337,6 +441,17 @@ impl Args {
             source_allow: self.source_allow,
             source_idle_timeout: self.source_idle_timeout_ms.map(Duration::from_millis),
             tls,
+            role: self.role,
+            nats: NatsConfig {
+                url: self.nats,
+                stream: self.nats_stream,
+                resume: self.resume,
+                message_bytes: self.nats_message_bytes,
+                flush_interval: Duration::from_micros(self.nats_flush_us),
+                publish_in_flight: self.nats_publish_in_flight,
+                pull_messages: self.nats_pull_messages,
+                connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
+            },
             shutdown: Arc::new(AtomicBool::new(false)),
         })
     }

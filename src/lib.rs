@@ -14,6 +14,7 @@ pub mod auth;
 pub mod batch;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod line;
 pub mod listener;

@@ -44,6 +44,11 @@ pub struct Sequencer {
     pub stop: Rc<Latch>,
     /// Whether a source session is running.
     pub session_active: Cell<bool>,
+    /// When sessions resume (a cluster ingest with `--resume`): the seq the next session starts
+    /// at. A closing source then neither skips holes nor resets; what waited for a hole is
+    /// dropped for the source to send again. None: every session starts at
+    /// `--sequence-index` + 1 and ends with a reset.
+    pub resume_at: Cell<Option<u64>>,
 }
 
 /// Per-read tallies, added to the shared counters once per read.
@@ -70,6 +75,7 @@ impl Sequencer {
             shards,
             stop,
             session_active: Cell::new(false),
+            resume_at: Cell::new(None),
         }
     }
 
@@ -180,7 +186,7 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
     let mut reseq = Resequencer::new(
         config.resequencer,
         config.resequencer_capacity,
-        config.first_seq(),
+        sequencer.resume_at.get().unwrap_or(config.first_seq()),
     );
     let mut stalled_since: Option<(u64, Instant)> = None;
     let mut stopped = false;
@@ -265,6 +271,16 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
                 format!("event source closed in the middle of a line; dropped \"{partial}\"")
             });
         }
+    }
+    if sequencer.resume_at.get().is_some() {
+        sequencer.resume_at.set(Some(reseq.next_expected()));
+        tracing::info!(
+            "event source closed; the next session resumes at seq {} ({} waiting events dropped)",
+            reseq.next_expected(),
+            reseq.waiting()
+        );
+        sequencer.session_active.set(false);
+        return;
     }
     {
         reseq.finish(batch, |hole| {

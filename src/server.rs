@@ -15,7 +15,8 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::acceptor::{self, Acceptor};
-use crate::config::{cpu_count, Config};
+use crate::cluster;
+use crate::config::{cpu_count, Config, Role};
 use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
@@ -62,6 +63,8 @@ pub struct RunningServer {
     shared: Arc<Shared>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     accept_threads: Vec<AcceptThread>,
+    /// A cluster role's NATS thread; its error ends the process with a failure.
+    cluster_threads: Vec<std::thread::JoinHandle<Result<(), String>>>,
 }
 
 impl RunningServer {
@@ -90,6 +93,13 @@ impl RunningServer {
         for thread in self.accept_threads {
             thread.join();
         }
+        for thread in self.cluster_threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => result = Err(std::io::Error::other(error)),
+                Err(_) => result = Err(std::io::Error::other("the NATS thread panicked")),
+            }
+        }
         result
     }
 
@@ -100,12 +110,31 @@ impl RunningServer {
     }
 }
 
-/// Binds the listeners and starts the executors.
+/// Binds the listeners and starts the executors (and, for a cluster role, the NATS thread).
+///
+/// `Role::All` binds both listeners and runs one shard per executor. `Role::Ingest` binds only
+/// the event listener and runs one executor with the sequencer, whose only "shard" is the NATS
+/// publisher. `Role::Edge` binds only the client listener and runs the shards, fed by the NATS
+/// consumer. An unbound listener's address has port 0.
 pub fn start(config: Config) -> std::io::Result<RunningServer> {
-    let event_listener = listener::bind(config.event_addr)?;
-    let client_listener = listener::bind(config.client_addr)?;
-    let event_addr = event_listener.local_addr()?;
-    let client_addr = client_listener.local_addr()?;
+    let role = config.role;
+    let unbound = |addr: SocketAddr| SocketAddr::new(addr.ip(), 0);
+    let event_listener = match role {
+        Role::Edge => None,
+        _ => Some(listener::bind(config.event_addr)?),
+    };
+    let client_listener = match role {
+        Role::Ingest => None,
+        _ => Some(listener::bind(config.client_addr)?),
+    };
+    let event_addr = match &event_listener {
+        Some(listener) => listener.local_addr()?,
+        None => unbound(config.event_addr),
+    };
+    let client_addr = match &client_listener {
+        Some(listener) => listener.local_addr()?,
+        None => unbound(config.client_addr),
+    };
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(listener::bind(addr)?),
         None => None,
@@ -121,26 +150,54 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         counters: Counters::default(),
         faults: FaultLog::default(),
     });
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
-        .map(|_| flume::bounded::<ShardCommand>(shared.config.shard_queue_depth))
-        .unzip();
-    let (event_sender, event_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
-    let (client_sender, client_receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+    let mut cluster_threads = Vec::new();
+    let mut resume_at = None;
+    let (senders, receivers): (Vec<_>, Vec<_>) = match role {
+        Role::Ingest => {
+            let publisher = cluster::ingest::start(shared.clone())?;
+            cluster_threads.push(publisher.thread);
+            resume_at = publisher.resume_at;
+            (vec![publisher.sender], vec![None])
+        }
+        Role::All | Role::Edge => (0..cores)
+            .map(|_| {
+                let (sender, receiver) =
+                    flume::bounded::<ShardCommand>(shared.config.shard_queue_depth);
+                (sender, Some(receiver))
+            })
+            .unzip(),
+    };
+    if role == Role::Edge {
+        cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
+    }
     let stop_flag = shared.config.shutdown.clone();
-    let mut accept_threads = vec![
-        AcceptThread::spawn(
-            "efr-accept-events",
-            event_listener,
-            event_sender,
-            stop_flag.clone(),
-        )?,
-        AcceptThread::spawn(
-            "efr-accept-clients",
-            client_listener,
-            client_sender,
-            stop_flag.clone(),
-        )?,
-    ];
+    let mut accept_threads = Vec::new();
+    let events = match event_listener {
+        Some(listener) => {
+            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            accept_threads.push(AcceptThread::spawn(
+                "efr-accept-events",
+                listener,
+                sender,
+                stop_flag.clone(),
+            )?);
+            Some(receiver)
+        }
+        None => None,
+    };
+    let clients = match client_listener {
+        Some(listener) => {
+            let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
+            accept_threads.push(AcceptThread::spawn(
+                "efr-accept-clients",
+                listener,
+                sender,
+                stop_flag.clone(),
+            )?);
+            Some(receiver)
+        }
+        None => None,
+    };
     let metrics_receiver = match metrics_listener {
         Some(listener) => {
             let (sender, receiver) = flume::bounded(ACCEPT_QUEUE_DEPTH);
@@ -155,9 +212,10 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         None => None,
     };
     let mut listeners = Some(Listeners {
-        events: event_receiver,
-        clients: client_receiver,
+        events,
+        clients,
         metrics: metrics_receiver,
+        resume_at,
     });
     let mut executors = Vec::with_capacity(cores);
     for (index, receiver) in receivers.into_iter().enumerate() {
@@ -176,14 +234,21 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         let handle = builder
             .spawn(move || async move {
                 // Everything runs as ordinary tasks of the default task queue; the executor's
-                // main future only waits for the shard to end.
+                // main future only waits for the shard (or, on an ingest, the front) to end.
                 glommio::spawn_local(async move {
-                    if let Some(listeners) = listeners {
-                        start_front(shared.clone(), senders, listeners);
-                    } else {
-                        drop(senders);
+                    let front = listeners
+                        .map(|listeners| start_front(shared.clone(), senders.clone(), listeners));
+                    drop(senders);
+                    match (receiver, front) {
+                        (Some(receiver), front) => {
+                            if let Some(front) = front {
+                                front.detach();
+                            }
+                            shard::run(index, shared, receiver).await;
+                        }
+                        (None, Some(front)) => front.await,
+                        (None, None) => {}
                     }
-                    shard::run(index, shared, receiver).await;
                 })
                 .await;
             })
@@ -199,6 +264,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         shared,
         executors,
         accept_threads,
+        cluster_threads,
     })
 }
 
@@ -217,19 +283,22 @@ pub fn run(config: Config) -> std::io::Result<()> {
     server.wait()
 }
 
-/// What executor 0 accepts from: the accept threads' channels and the metrics listener.
+/// What executor 0 accepts from: the accept threads' channels (none for a listener the role
+/// does not bind) and the metrics listener; and where a resuming ingest starts.
 struct Listeners {
-    events: flume::Receiver<OwnedFd>,
-    clients: flume::Receiver<OwnedFd>,
+    events: Option<flume::Receiver<OwnedFd>>,
+    clients: Option<flume::Receiver<OwnedFd>>,
     metrics: Option<flume::Receiver<OwnedFd>>,
+    resume_at: Option<u64>,
 }
 
-/// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger.
+/// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger. Returns
+/// the stop watcher, which ends once the shards were told to stop.
 fn start_front(
     shared: Arc<Shared>,
     senders: Vec<flume::Sender<ShardCommand>>,
     listeners: Listeners,
-) {
+) -> glommio::Task<()> {
     let stop = Rc::new(Latch::default());
     let sequencer = Rc::new(Sequencer::new(
         shared.clone(),
@@ -241,8 +310,13 @@ fn start_front(
         shards: senders,
         stop: stop.clone(),
     });
-    glommio::spawn_local(sequencer::run(listeners.events, sequencer.clone())).detach();
-    glommio::spawn_local(acceptor::run(listeners.clients, acceptor)).detach();
+    sequencer.resume_at.set(listeners.resume_at);
+    if let Some(events) = listeners.events {
+        glommio::spawn_local(sequencer::run(events, sequencer.clone())).detach();
+    }
+    if let Some(clients) = listeners.clients {
+        glommio::spawn_local(acceptor::run(clients, acceptor)).detach();
+    }
     if let Some(accepted) = listeners.metrics {
         glommio::spawn_local(metrics::run(accepted, shared.clone(), stop.clone())).detach();
     }
@@ -269,5 +343,4 @@ fn start_front(
         sequencer.broadcast(|| ShardCommand::Shutdown).await;
         tracing::info!("stopped ({})", shared.counters.summary());
     })
-    .detach();
 }

@@ -69,6 +69,12 @@ counters! {
     clients_closed_write_error: "counter", "Clients closed after a write error.";
     clients_closed_session_end: "counter", "Clients closed at the end of an event source session.";
     clients_closed_shutdown: "counter", "Clients closed at shutdown.";
+    nats_messages_published: "counter", "Ingest: stream messages published (batches and resets).";
+    nats_publish_retries: "counter", "Ingest: publishes made again after a failure (NATS away).";
+    nats_messages_applied: "counter", "Edge: stream messages applied (batches and resets).";
+    nats_messages_stale: "counter", "Edge: stream messages dropped because their seqs were applied already.";
+    nats_stream_gaps: "counter", "Edge: stream batches that did not start right after the last applied seq.";
+    nats_messages_bad: "counter", "Edge: stream messages with bad headers or unparseable lines.";
 }
 
 impl Counters {
@@ -134,9 +140,11 @@ pub enum Fault {
     SourceIdle,
     /// A failed TLS handshake.
     Tls,
+    /// A NATS publish or consume problem (cluster roles).
+    Cluster,
 }
 
-const FAULT_KINDS: usize = 16;
+const FAULT_KINDS: usize = 17;
 
 /// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
 #[derive(Debug)]

@@ -1,0 +1,139 @@
+//! efr across machines: an ingest node and edge nodes joined by a NATS JetStream stream.
+//!
+//! The ingest ([`ingest`]) runs today's sequencer; its ordered batches go to a publisher
+//! instead of shards, which appends them to the stream `<name>` (subject `<name>.ev`) as
+//! messages of whole event lines ([`wire`]). Every edge ([`edge`]) reads the whole stream
+//! with an ordered consumer, turns each message back into an ordered batch and hands it to
+//! today's shards, which serve the clients. async-nats needs tokio: each node runs it on a
+//! thread of its own with a current-thread runtime, bridged to the glommio executors by the
+//! bounded flume channels the shards already use.
+
+pub mod edge;
+pub mod ingest;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::NatsConfig;
+use wire::{Envelope, Kind};
+
+/// How often a waiting node looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+/// Longest pause between two reconnection attempts to NATS.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// How long one JetStream request (publish acknowledgement, stream info) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The subject of a cluster's stream.
+pub fn subject(config: &NatsConfig) -> String {
+    format!("{}.ev", config.stream)
+}
+
+/// A current-thread tokio runtime for a node's NATS thread.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Connects to NATS and makes sure the stream exists, giving up after the connect timeout or
+/// at a stop.
+async fn connect(
+    config: &NatsConfig,
+    stop: &AtomicBool,
+) -> Result<(jetstream::Context, stream::Stream), String> {
+    let deadline = Instant::now() + config.connect_timeout;
+    let options = async_nats::ConnectOptions::new()
+        .connection_timeout(config.connect_timeout)
+        .reconnect_delay_callback(|attempts| {
+            (Duration::from_millis(20) * attempts.min(1_000) as u32).min(MAX_RECONNECT_DELAY)
+        })
+        .max_reconnects(None::<usize>);
+    let client = loop {
+        match options.clone().connect(config.url.as_str()).await {
+            Ok(client) => break client,
+            Err(error) => {
+                if Instant::now() >= deadline || stop.load(Ordering::SeqCst) {
+                    return Err(format!("cannot connect to NATS at {}: {error}", config.url));
+                }
+                tokio::time::sleep(STOP_CHECK).await;
+            }
+        }
+    };
+    let context = jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .max_ack_inflight(config.publish_in_flight)
+        .backpressure_on_inflight(true)
+        .build(client);
+    let stream_config = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![subject(config)],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    loop {
+        match context.get_or_create_stream(stream_config.clone()).await {
+            Ok(stream) => return Ok((context, stream)),
+            Err(error) => {
+                if Instant::now() >= deadline || stop.load(Ordering::SeqCst) {
+                    return Err(format!(
+                        "cannot open the JetStream stream {} at {}: {error}",
+                        config.stream, config.url
+                    ));
+                }
+                tokio::time::sleep(STOP_CHECK).await;
+            }
+        }
+    }
+}
+
+/// Where the stream's chain ends: its last message, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainEnd {
+    /// The last message's envelope.
+    pub envelope: Envelope,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+}
+
+impl ChainEnd {
+    /// The event seq after the last published batch (None after a reset).
+    pub fn next_event_seq(&self) -> Option<u64> {
+        match self.envelope.kind {
+            Kind::Batch { last, .. } => Some(last + 1),
+            Kind::Reset => None,
+        }
+    }
+}
+
+/// Reads the last message of the stream (None when the stream is empty).
+async fn chain_end(
+    stream: &stream::Stream,
+    config: &NatsConfig,
+) -> Result<Option<ChainEnd>, String> {
+    match stream
+        .get_last_raw_message_by_subject(&subject(config))
+        .await
+    {
+        Ok(message) => {
+            let envelope = Envelope::from_headers(Some(&message.headers)).map_err(|error| {
+                format!(
+                    "the last message of stream {} is not an efr message: {error}",
+                    config.stream
+                )
+            })?;
+            Ok(Some(ChainEnd {
+                envelope,
+                stream_seq: message.sequence,
+            }))
+        }
+        Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(error) => Err(format!(
+            "cannot read the last message of stream {}: {error}",
+            config.stream
+        )),
+    }
+}
