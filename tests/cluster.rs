@@ -458,3 +458,31 @@ fn single_process_role_binds_no_nats_and_an_edge_without_nats_fails_to_start() {
         "{error}"
     );
 }
+
+#[test]
+fn an_ingest_whose_view_of_the_stream_is_stale_is_fenced_off() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let stale = start_server(node(Role::Ingest, &nats, 1));
+    let current = start_server(node(Role::Ingest, &nats, 1));
+    let edge = start_server(node(Role::Edge, &nats, 1));
+    let one = |line: &str| vec![line.to_string()];
+    let clients = connect_spread(std::slice::from_ref(&edge), &[1]);
+    send_source(current.event_addr, &one("1|P|2|1"), &[vec![0]], "\n");
+    let mut expected = HashMap::new();
+    expected.insert(1, one("1|P|2|1"));
+    check_clients(clients, &expected);
+    // The first ingest still believes the stream is empty: its publish is refused, it stops
+    // with an error, and nothing of it reaches the edge.
+    send_source(stale.event_addr, &one("1|B"), &[vec![0]], "\n");
+    let error = stale.wait().expect_err("the stale ingest fails");
+    assert!(error.to_string().contains("fenced off"), "{error}");
+    let clients = connect_spread(std::slice::from_ref(&edge), &[1]);
+    send_source(current.event_addr, &one("1|P|3|1"), &[vec![0]], "\n");
+    expected.insert(1, one("1|P|3|1"));
+    check_clients(clients, &expected);
+    current.stop_and_wait().unwrap();
+    edge.stop_and_wait().unwrap();
+}

@@ -5,7 +5,9 @@
 //! or `--nats-flush-us` after their first event. Up to `--nats-publish-in-flight` messages await
 //! their acknowledgement; when one fails (NATS went away), every unacknowledged message is
 //! published again, in order, one at a time, until NATS takes it: the message ids make the
-//! stream keep each one once, and the chain header makes sure none overtakes a lost one.
+//! stream keep each one once, and the expected last sequence makes sure none overtakes a lost
+//! one (a refused message is looked up at the sequence it expected to get: if it is there, it
+//! was stored before).
 //! Meanwhile the publisher's channel fills, the sequencer stops reading, and TCP pushes back on
 //! the source. A publish the stream refuses because its last message is not ours means another
 //! ingest wrote to it: this ingest stops with an error (fenced off).
@@ -20,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, publish::PublishAck};
 use bytes::Bytes;
 
-use super::wire::{Envelope, Kind, PayloadBuilder};
+use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
 use super::{chain_end, connect, runtime, subject, STOP_CHECK};
 use crate::server::Shared;
 use crate::shard::ShardCommand;
@@ -102,10 +105,16 @@ fn run(
         let opened = async {
             let (context, stream) = connect(&config.nats, &config.shutdown).await?;
             let end = chain_end(&stream, &config.nats).await?;
-            Ok::<_, String>((context, end))
+            let last_stream_seq = stream
+                .get_info()
+                .await
+                .map_err(|error| format!("cannot read stream {}: {error}", config.nats.stream))?
+                .state
+                .last_sequence;
+            Ok::<_, String>((context, stream, end, last_stream_seq))
         }
         .await;
-        let (context, end) = match opened {
+        let (context, stream, end, last_stream_seq) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 let _ = ready.send(Err(error.clone()));
@@ -122,8 +131,12 @@ fn run(
         let mut publisher = ChainPublisher {
             shared: shared.clone(),
             context,
+            stream,
             subject: subject(&config.nats),
-            last_number: end.map(|end| end.envelope.number),
+            writer: writer_id(),
+            last_number: end.map_or(0, |end| end.envelope.number),
+            last_id: end.map(|end| end.envelope.msg_id()),
+            next_stream_seq: last_stream_seq + 1,
             in_flight: VecDeque::with_capacity(config.nats.publish_in_flight),
         };
         if !config.nats.resume {
@@ -147,10 +160,26 @@ fn run(
     })
 }
 
+/// A random id for this ingest's messages, so that two ingests never write the same id.
+fn writer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.finish()
+}
+
 /// A message published and not yet acknowledged.
 struct Outgoing {
     envelope: Envelope,
-    previous: Option<u64>,
+    /// The stream sequence it gets when the stream takes it.
+    stream_seq: u64,
+    /// The id of the message before it, if any.
+    previous_id: Option<String>,
     payload: Bytes,
 }
 
@@ -158,9 +187,16 @@ struct Outgoing {
 struct ChainPublisher {
     shared: Arc<Shared>,
     context: jetstream::Context,
+    stream: jetstream::stream::Stream,
     subject: String,
-    /// Number of the last message handed to NATS.
-    last_number: Option<u64>,
+    /// This ingest's id in its messages' ids.
+    writer: u64,
+    /// Number of the last message handed to NATS (0: none yet).
+    last_number: u64,
+    /// Id of the last message of the stream (ours, once we published).
+    last_id: Option<String>,
+    /// The stream sequence the next message gets.
+    next_stream_seq: u64,
     /// Published, acknowledgement pending (None: the publish itself failed).
     in_flight: VecDeque<(Outgoing, Option<AckFuture>)>,
 }
@@ -219,10 +255,7 @@ impl ChainPublisher {
                     while !self.in_flight.is_empty() {
                         self.settle_oldest().await?;
                     }
-                    tracing::info!(
-                        "publisher stopped after message {}",
-                        self.last_number.unwrap_or(0)
-                    );
+                    tracing::info!("publisher stopped after message {}", self.last_number);
                     return Ok(());
                 }
                 ShardCommand::Register { .. } => {
@@ -244,26 +277,36 @@ impl ChainPublisher {
     /// Appends one message to the chain (waiting for the oldest acknowledgement when
     /// `--nats-publish-in-flight` are pending).
     async fn publish(&mut self, kind: Kind, payload: Bytes) -> Result<(), String> {
-        let number = self.last_number.map_or(1, |n| n + 1);
+        let number = self.last_number + 1;
         let outgoing = Outgoing {
-            envelope: Envelope { number, kind },
-            previous: self.last_number,
+            envelope: Envelope {
+                number,
+                writer: self.writer,
+                kind,
+            },
+            stream_seq: self.next_stream_seq,
+            previous_id: self.last_id.take(),
             payload,
         };
-        self.last_number = Some(number);
+        self.last_id = Some(outgoing.envelope.msg_id());
+        self.last_number = number;
+        self.next_stream_seq += 1;
         while self.in_flight.len() >= self.shared.config.nats.publish_in_flight {
             self.settle_oldest().await?;
         }
-        let ack = self.send(&outgoing).await.ok();
+        let ack = self.send(&outgoing, true).await.ok();
         self.in_flight.push_back((outgoing, ack));
         Counters::add(&self.shared.counters.nats_messages_published, 1);
         Ok(())
     }
 
-    async fn send(&self, outgoing: &Outgoing) -> Result<AckFuture, String> {
+    /// Publishes a message; `check_last_id`: expect the last message's id too (not only its
+    /// stream sequence).
+    async fn send(&self, outgoing: &Outgoing, check_last_id: bool) -> Result<AckFuture, String> {
+        let last_id = outgoing.previous_id.as_deref().filter(|_| check_last_id);
         let message = PublishMessage::build()
             .payload(outgoing.payload.clone())
-            .headers(outgoing.envelope.headers(outgoing.previous));
+            .headers(outgoing.envelope.headers(outgoing.stream_seq - 1, last_id));
         self.context
             .send_publish(self.subject.clone(), message)
             .await
@@ -279,8 +322,7 @@ impl ChainPublisher {
                 Some(result) => {
                     let (outgoing, _) = self.in_flight.pop_front().expect("front exists");
                     if let Err(error) = result {
-                        self.recover(outgoing, error.kind(), error.to_string())
-                            .await?;
+                        self.recover(outgoing, error.to_string()).await?;
                     }
                 }
             }
@@ -299,24 +341,17 @@ impl ChainPublisher {
         let failure = match ack {
             Some(ack) => match ack.await {
                 Ok(_) => return Ok(()),
-                Err(error) => (error.kind(), error.to_string()),
+                Err(error) => error.to_string(),
             },
-            None => (PublishErrorKind::Other, "the publish failed".to_string()),
+            None => "the publish failed".to_string(),
         };
-        self.recover(outgoing, failure.0, failure.1).await
+        self.recover(outgoing, failure).await
     }
 
     /// `failed` (the oldest unacknowledged message) failed: publish it and every later one
-    /// again, in order, each until NATS takes it.
-    async fn recover(
-        &mut self,
-        failed: Outgoing,
-        kind: PublishErrorKind,
-        error: String,
-    ) -> Result<(), String> {
-        if kind == PublishErrorKind::WrongLastMessageId {
-            return Err(fenced(&failed, &error));
-        }
+    /// again, in order, each until NATS takes it (or refuses it for another ingest's message:
+    /// fenced off).
+    async fn recover(&mut self, failed: Outgoing, error: String) -> Result<(), String> {
         let shared = self.shared.clone();
         shared.faults.warn(Fault::Cluster, || {
             format!(
@@ -330,15 +365,25 @@ impl ChainPublisher {
             .collect();
         for outgoing in pending.drain(..) {
             let mut pause = FIRST_RETRY_PAUSE;
+            let mut check_last_id = true;
             loop {
                 Counters::add(&shared.counters.nats_publish_retries, 1);
-                let outcome = match self.send(&outgoing).await {
+                let outcome = match self.send(&outgoing, check_last_id).await {
                     Ok(ack) => ack.await.map_err(|error| (error.kind(), error.to_string())),
                     Err(error) => Err((PublishErrorKind::Other, error)),
                 };
                 match outcome {
                     Ok(_) => break,
-                    Err((PublishErrorKind::WrongLastMessageId, error)) => {
+                    Err((kind, error)) if is_chain_refusal(kind) => {
+                        if self.is_stored(&outgoing).await? {
+                            break;
+                        }
+                        if check_last_id && self.follows_the_last_message(&outgoing).await? {
+                            // nats-server forgot the last message id (a restart): the stream
+                            // does end with our previous message, so the sequence suffices.
+                            check_last_id = false;
+                            continue;
+                        }
                         return Err(fenced(&outgoing, &error));
                     }
                     Err((_, error)) => {
@@ -364,10 +409,62 @@ impl ChainPublisher {
     }
 }
 
+impl ChainPublisher {
+    /// Whether the stream holds `outgoing` at the sequence it expected (stored by an earlier
+    /// attempt whose acknowledgement was lost). An error reading it ends the ingest too: the
+    /// chain cannot be trusted.
+    async fn is_stored(&self, outgoing: &Outgoing) -> Result<bool, String> {
+        let id = outgoing.envelope.msg_id();
+        self.holds(outgoing, outgoing.stream_seq, Some(&id)).await
+    }
+
+    /// Whether the stream's message before `outgoing`'s sequence is the one it follows.
+    async fn follows_the_last_message(&self, outgoing: &Outgoing) -> Result<bool, String> {
+        if outgoing.stream_seq <= 1 || outgoing.previous_id.is_none() {
+            return Ok(false);
+        }
+        self.holds(
+            outgoing,
+            outgoing.stream_seq - 1,
+            outgoing.previous_id.as_deref(),
+        )
+        .await
+    }
+
+    /// Whether the stream holds a message with id `id` at `stream_seq`.
+    async fn holds(
+        &self,
+        outgoing: &Outgoing,
+        stream_seq: u64,
+        id: Option<&str>,
+    ) -> Result<bool, String> {
+        match self.stream.get_raw_message(stream_seq).await {
+            Ok(message) => Ok(message
+                .headers
+                .get(HEADER_MSG_ID)
+                .map(|found| found.as_str())
+                == id),
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(error) => Err(format!(
+                "the stream refused message {} and cannot be read back: {error}",
+                outgoing.envelope.number
+            )),
+        }
+    }
+}
+
+/// Whether a publish was refused because the stream does not end where the message expected.
+fn is_chain_refusal(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+    )
+}
+
 fn fenced(outgoing: &Outgoing, error: &str) -> String {
     format!(
-        "the stream refused message {} after message {:?} ({error}): another ingest has \
+        "the stream refused message {} at stream sequence {} ({error}): another ingest has \
          written to it; this one is fenced off",
-        outgoing.envelope.number, outgoing.previous
+        outgoing.envelope.number, outgoing.stream_seq
     )
 }

@@ -2,12 +2,17 @@
 //! ended by `\n`, exactly the bytes clients receive), and its headers say where it sits.
 //!
 //! Headers of every message:
-//! - `Nats-Msg-Id`: the message's number in the chain (1, 2, ...). JetStream drops a message
-//!   whose id it has seen within its duplicate window, so a publish retried after a lost
-//!   acknowledgement is stored once.
-//! - `Nats-Expected-Last-Msg-Id`: the number before it (absent on the very first message).
-//!   JetStream refuses the message unless the stream's last one has that id: a lost message can
-//!   never be overtaken, and an ingest whose view of the stream is stale is fenced off.
+//! - `Nats-Msg-Id`: `<number>-<writer>`: the message's number in the chain (1, 2, ...) and the
+//!   ingest that wrote it (random per ingest start). JetStream drops a message whose id it has
+//!   seen within its duplicate window, so a publish retried after a lost acknowledgement is
+//!   stored once; two ingests never share an id.
+//! - `Nats-Expected-Last-Sequence`: the stream sequence of the message before it (0 on an
+//!   empty stream), and `Nats-Expected-Last-Msg-Id`: that message's id. JetStream refuses the
+//!   message unless the stream ends there: a lost message can never be overtaken, and an
+//!   ingest whose view of the stream is stale is fenced off. Both, because a stale ingest's
+//!   sequence alone may match by chance, and nats-server forgets the last message id when it
+//!   restarts with a last message older than its duplicate window (the publisher then checks
+//!   the stream's last message itself and publishes with the sequence alone).
 //! - `Efr-Kind`: `batch` (ordered events) or `reset` (the event source closed: every edge
 //!   ends its clients' session and forgets the follow graph).
 //! - `Efr-First`, `Efr-Last` (batches): the seq range the message covers. Ranges of
@@ -19,9 +24,11 @@ use async_nats::HeaderMap;
 use crate::batch::OrderedBatch;
 use crate::protocol::parse_event;
 
-/// Header: the message's number in the chain.
+/// Header: the message's id, `<number>-<writer>`.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
-/// Header: the number of the message before it.
+/// Header: the stream sequence the stream must end at for the message to be taken.
+pub const HEADER_EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+/// Header: the id of the message the stream must end with for the message to be taken.
 pub const HEADER_EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// Header: `batch` or `reset`.
 pub const HEADER_KIND: &str = "Efr-Kind";
@@ -51,8 +58,10 @@ pub enum Kind {
 /// A message's place in the chain and what it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Envelope {
-    /// Number in the chain (`Nats-Msg-Id`).
+    /// Number in the chain.
     pub number: u64,
+    /// The ingest that wrote it (random per ingest start).
+    pub writer: u64,
     /// What it carries.
     pub kind: Kind,
 }
@@ -68,12 +77,26 @@ impl std::fmt::Display for WireError {
 }
 
 impl Envelope {
-    /// The headers of this message; `previous` is the number of the message before it.
-    pub fn headers(&self, previous: Option<u64>) -> HeaderMap {
+    /// The message id (`Nats-Msg-Id`).
+    pub fn msg_id(&self) -> String {
+        format!("{}-{:016x}", self.number, self.writer)
+    }
+
+    /// The headers of this message, which the stream takes only if it ends at
+    /// `expected_last_sequence` (and with the message `expected_last_msg_id`, when given).
+    pub fn headers(
+        &self,
+        expected_last_sequence: u64,
+        expected_last_msg_id: Option<&str>,
+    ) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, self.number.to_string());
-        if let Some(previous) = previous {
-            headers.insert(HEADER_EXPECTED_LAST_MSG_ID, previous.to_string());
+        headers.insert(HEADER_MSG_ID, self.msg_id());
+        headers.insert(
+            HEADER_EXPECTED_LAST_SEQUENCE,
+            expected_last_sequence.to_string(),
+        );
+        if let Some(id) = expected_last_msg_id {
+            headers.insert(HEADER_EXPECTED_LAST_MSG_ID, id);
         }
         match self.kind {
             Kind::Batch { first, last } => {
@@ -89,7 +112,16 @@ impl Envelope {
     /// Reads the envelope of a message from its headers.
     pub fn from_headers(headers: Option<&HeaderMap>) -> Result<Envelope, WireError> {
         let headers = headers.ok_or_else(|| WireError("a message without headers".into()))?;
-        let number = number_header(headers, HEADER_MSG_ID)?;
+        let id = headers
+            .get(HEADER_MSG_ID)
+            .ok_or_else(|| WireError(format!("header {HEADER_MSG_ID} is missing")))?
+            .as_str();
+        let (number, writer) = id
+            .split_once('-')
+            .and_then(|(number, writer)| {
+                Some((number.parse().ok()?, u64::from_str_radix(writer, 16).ok()?))
+            })
+            .ok_or_else(|| WireError(format!("{HEADER_MSG_ID} {id:?} is not <number>-<writer>")))?;
         let kind = match headers.get(HEADER_KIND).map(|value| value.as_str()) {
             Some(KIND_BATCH) => {
                 let first = number_header(headers, HEADER_FIRST)?;
@@ -108,7 +140,11 @@ impl Envelope {
                 )))
             }
         };
-        Ok(Envelope { number, kind })
+        Ok(Envelope {
+            number,
+            writer,
+            kind,
+        })
     }
 }
 
@@ -214,29 +250,37 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_through_headers() {
-        for (envelope, previous) in [
+        for (envelope, expected_last, last_id) in [
             (
                 Envelope {
                     number: 1,
+                    writer: 0xabc,
                     kind: Kind::Batch { first: 1, last: 40 },
                 },
+                0,
                 None,
             ),
             (
                 Envelope {
                     number: 77,
+                    writer: u64::MAX,
                     kind: Kind::Reset,
                 },
-                Some(76),
+                980,
+                Some("76-0000000000000abc"),
             ),
         ] {
-            let headers = envelope.headers(previous);
+            let headers = envelope.headers(expected_last, last_id);
             assert_eq!(Envelope::from_headers(Some(&headers)), Ok(envelope));
+            assert_eq!(
+                headers.get(HEADER_EXPECTED_LAST_SEQUENCE).unwrap().as_str(),
+                expected_last.to_string()
+            );
             assert_eq!(
                 headers
                     .get(HEADER_EXPECTED_LAST_MSG_ID)
-                    .map(|v| v.as_str().to_string()),
-                previous.map(|p| p.to_string())
+                    .map(|id| id.as_str()),
+                last_id
             );
         }
     }
@@ -245,9 +289,11 @@ mod tests {
     fn bad_headers_are_refused() {
         assert!(Envelope::from_headers(None).is_err());
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, "x");
-        assert!(Envelope::from_headers(Some(&headers)).is_err());
         headers.insert(HEADER_MSG_ID, "3");
+        assert!(Envelope::from_headers(Some(&headers)).is_err());
+        headers.insert(HEADER_MSG_ID, "3-zz");
+        assert!(Envelope::from_headers(Some(&headers)).is_err());
+        headers.insert(HEADER_MSG_ID, "3-00ff");
         headers.insert(HEADER_KIND, "batch");
         headers.insert(HEADER_FIRST, "9");
         headers.insert(HEADER_LAST, "8");
