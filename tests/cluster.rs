@@ -154,17 +154,57 @@ fn edges(nats: &NatsServer) -> Vec<RunningServer> {
         .collect()
 }
 
+/// A user client of an edge whose bytes are collected by a thread until EOF. Unlike the
+/// single-process tests' client, it waits up to [`CLUSTER_DEADLINE`] for each read: clients
+/// hear nothing while NATS restarts.
+struct EdgeClient {
+    user: u64,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl EdgeClient {
+    fn connect(addr: std::net::SocketAddr, user: u64) -> EdgeClient {
+        let mut stream = TcpStream::connect(addr).expect("client connects");
+        stream.write_all(format!("{user}\n").as_bytes()).unwrap();
+        stream.set_read_timeout(Some(CLUSTER_DEADLINE)).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes);
+            bytes
+        });
+        EdgeClient { user, reader }
+    }
+}
+
+/// Compares every client's bytes (up to EOF) with its expected lines.
+fn check_clients(clients: Vec<EdgeClient>, expected: &HashMap<u64, Vec<String>>) {
+    for client in clients {
+        let user = client.user;
+        let text = String::from_utf8(client.reader.join().unwrap()).expect("utf-8 output");
+        let got: Vec<&str> = text.lines().collect();
+        let want = &expected[&user];
+        for (index, (got, want)) in got.iter().zip(want.iter()).enumerate() {
+            assert_eq!(got, want, "client {user} line {index}");
+        }
+        assert_eq!(got.len(), want.len(), "client {user}: line count");
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "client {user}: unterminated output"
+        );
+    }
+}
+
 /// Connects user `users[i]` to edge `i % edges.len()` and waits until every edge registered
 /// its clients.
-fn connect_spread(edges: &[RunningServer], users: &[u64]) -> Vec<Client> {
+fn connect_spread(edges: &[RunningServer], users: &[u64]) -> Vec<EdgeClient> {
     let before: Vec<u64> = edges
         .iter()
         .map(|edge| edge.counters().clients_registered.load(Ordering::Relaxed))
         .collect();
-    let clients: Vec<Client> = users
+    let clients: Vec<EdgeClient> = users
         .iter()
         .enumerate()
-        .map(|(i, &user)| Client::connect(edges[i % edges.len()].client_addr, user, "\n"))
+        .map(|(i, &user)| EdgeClient::connect(edges[i % edges.len()].client_addr, user))
         .collect();
     for (index, edge) in edges.iter().enumerate() {
         let spread = users.iter().skip(index).step_by(edges.len()).count() as u64;
