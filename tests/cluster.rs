@@ -59,21 +59,27 @@ impl NatsServer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("ports")).unwrap();
-        let (child, port) = Self::spawn(&dir, None);
-        NatsServer { child, dir, port }
+        // Owned by the server value at once, so that a failing wait still kills it.
+        let mut server = NatsServer {
+            child: Self::spawn(&dir, None),
+            dir,
+            port: 0,
+        };
+        server.port = server.wait_for_port();
+        server
     }
 
-    /// Starts nats-server on `port` (or a free one) and waits for its ports file. The child is
-    /// returned to a `NatsServer`, whose drop kills and waits for it.
+    /// Starts nats-server on `port` (or a free one). The child is kept by a `NatsServer`,
+    /// whose drop kills and waits for it.
     #[allow(clippy::zombie_processes)]
-    fn spawn(dir: &Path, port: Option<u16>) -> (Child, u16) {
+    fn spawn(dir: &Path, port: Option<u16>) -> Child {
         let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("nats.log"))
             .unwrap();
-        let mut child = Command::new("nats-server")
+        Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(dir.join("store"))
             .arg("--ports_file_dir")
@@ -81,10 +87,15 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("nats-server starts");
-        let ports_file = dir
+            .expect("nats-server starts")
+    }
+
+    /// Waits for the running server's ports file and returns its client port.
+    fn wait_for_port(&self) -> u16 {
+        let ports_file = self
+            .dir
             .join("ports")
-            .join(format!("nats-server_{}.ports", child.id()));
+            .join(format!("nats-server_{}.ports", self.child.id()));
         let deadline = Instant::now() + CLUSTER_DEADLINE;
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports_file) {
@@ -93,17 +104,11 @@ impl NatsServer {
                     let url = ports["nats"][0]
                         .as_str()
                         .or(ports["client"][0].as_str())
-                        .expect("a client url")
-                        .to_string();
-                    let port = url.rsplit(':').next().unwrap().parse().unwrap();
-                    return (child, port);
+                        .expect("a client url");
+                    return url.rsplit(':').next().unwrap().parse().unwrap();
                 }
             }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("nats-server did not start");
-            }
+            assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -120,8 +125,8 @@ impl NatsServer {
 
     /// A new server on the same port and store.
     fn restart(&mut self) {
-        let (child, _) = Self::spawn(&self.dir, Some(self.port));
-        self.child = child;
+        self.child = Self::spawn(&self.dir, Some(self.port));
+        assert_eq!(self.wait_for_port(), self.port);
     }
 }
 
