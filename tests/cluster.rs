@@ -531,3 +531,39 @@ fn an_ingest_whose_view_of_the_stream_is_stale_is_fenced_off() {
     current.stop_and_wait().unwrap();
     edge.stop_and_wait().unwrap();
 }
+
+#[test]
+fn an_ingest_started_without_resume_after_a_resuming_one_resets_every_edge() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let edge = start_server(node(Role::Edge, &nats, 2));
+    let users = [1, 2];
+    let lines = |text: &[&str]| -> Vec<String> { text.iter().map(|s| s.to_string()).collect() };
+    let clients = connect_spread(std::slice::from_ref(&edge), &users);
+    // A resuming ingest ends its session without a reset: the clients stay connected.
+    let resuming = resuming_ingest(&nats);
+    send_source(resuming.event_addr, &lines(&["1|F|2|1"]), &[vec![0]], "\n");
+    resuming.stop_and_wait().unwrap();
+    // An ingest without --resume finds the stream mid-session and resets every edge first.
+    let fresh = start_server(node(Role::Ingest, &nats, 1));
+    let mut expected = HashMap::new();
+    expected.insert(1, lines(&["1|F|2|1"]));
+    expected.insert(2, vec![]);
+    check_clients(clients, &expected);
+    // The graph was forgotten: 1's update reaches nobody.
+    let clients = connect_spread(std::slice::from_ref(&edge), &users);
+    send_source(
+        fresh.event_addr,
+        &lines(&["1|S|1", "2|P|1|2"]),
+        &[vec![1, 0]],
+        "\n",
+    );
+    expected.insert(1, vec![]);
+    expected.insert(2, lines(&["2|P|1|2"]));
+    check_clients(clients, &expected);
+    assert_in_order_everywhere(std::slice::from_ref(&edge));
+    fresh.stop_and_wait().unwrap();
+    edge.stop_and_wait().unwrap();
+}
