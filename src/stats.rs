@@ -75,6 +75,15 @@ counters! {
     nats_messages_stale: "counter", "Edge: stream messages dropped because their seqs were applied already.";
     nats_stream_gaps: "counter", "Edge: stream batches that did not start right after the last applied seq.";
     nats_messages_bad: "counter", "Edge: stream messages with bad headers or unparseable lines.";
+    nats_last_applied_stream_seq: "gauge", "Edge: the last stream message applied (or loaded from a snapshot).";
+    nats_consumer_lag: "gauge", "Edge: stream messages after the last applied one, as the consumer last saw them.";
+    snapshots_written: "counter", "Edge: follow-graph snapshots this edge wrote (as the snapshot lock's holder).";
+    snapshots_loaded: "counter", "Edge: follow-graph snapshots loaded (at start, or after falling behind the stream).";
+    snapshot_rebuilds: "counter", "Edge: rebuilds from a snapshot after the stream no longer held the next message.";
+    snapshot_failures: "counter", "Edge: snapshots that could not be written or loaded.";
+    snapshot_writer: "gauge", "Edge: 1 while this edge holds the snapshot writer's lock.";
+    snapshot_edges: "gauge", "Edge: follow edges in the last snapshot written or loaded.";
+    snapshot_age_ms: "gauge", "Edge: age of the newest snapshot this edge wrote or loaded, in milliseconds.";
 }
 
 impl Counters {

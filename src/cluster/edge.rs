@@ -7,6 +7,13 @@
 //! batch message becomes one [`OrderedBatch`] shared by every shard; a reset message becomes
 //! [`ShardCommand::EndSession`]. The edge checks that each batch starts right after the last
 //! one it applied: an older one is dropped, a gap is logged and counted.
+//!
+//! At start the edge loads the newest follow-graph snapshot ([`store`](super::store)) into
+//! its shards before it reports ready (so before its client port accepts anyone), and reads
+//! the stream from the message after it. A message that is not the next stream message (the
+//! edge fell behind the stream's retention) closes its clients and rebuilds the graph from
+//! the newest snapshot. The edge holding the snapshot lock writes a snapshot every
+//! `--snapshot-interval-s` or `--snapshot-events`, collected from its shards in stream order.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +24,8 @@ use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::stream;
 use futures_lite::StreamExt;
 
+use super::snapshot::GraphSnapshot;
+use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
 use super::{connect, runtime, STOP_CHECK};
 use crate::batch::BatchPool;
@@ -88,19 +97,25 @@ fn run(
     };
     runtime.block_on(async move {
         let config = &shared.config;
-        let stream = match connect(&config.nats, &config.shutdown).await {
-            Ok((_, stream)) => stream,
+        let opened = async {
+            let (context, stream) = connect(&config.nats, &config.shutdown).await?;
+            let snapshots = SnapshotStore::open(&context, &config.nats).await?;
+            Ok::<_, String>((stream, snapshots))
+        };
+        let (stream, snapshots) = match opened.await {
+            Ok(opened) => opened,
             Err(error) => {
                 let _ = ready.send(Err(error.clone()));
                 return Err(error);
             }
         };
-        tracing::info!(
-            "edge consuming stream {} from {}",
-            config.nats.stream,
-            config.nats.url
+        let holder = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos())
         );
-        let _ = ready.send(Ok(()));
         let mut edge = EdgeConsumer {
             pool: BatchPool::new(
                 config.shard_queue_depth + BATCH_POOL_SLACK,
@@ -110,7 +125,26 @@ fn run(
             shards,
             applied: None,
             next_stream_seq: 1,
+            snapshots,
+            lock: WriterLock::new(holder),
+            newest_snapshot: None,
+            last_snapshot_at: std::time::Instant::now(),
+            events_since_snapshot: 0,
         };
+        if let Err(error) = edge.load_newest_snapshot().await {
+            // Without a snapshot the edge reads the stream from its first message; a gap
+            // there is counted and logged.
+            edge.shared.faults.warn(Fault::Cluster, || {
+                format!("starting without a snapshot: {error}")
+            });
+        }
+        tracing::info!(
+            "edge consuming stream {} from {} at message {}",
+            config.nats.stream,
+            config.nats.url,
+            edge.next_stream_seq
+        );
+        let _ = ready.send(Ok(()));
         edge.consume(&stream).await;
         Ok(())
     })
@@ -125,6 +159,26 @@ struct EdgeConsumer {
     applied: Option<u64>,
     /// The stream sequence to read next.
     next_stream_seq: u64,
+    /// The snapshot buckets.
+    snapshots: SnapshotStore,
+    /// This edge's claim on the snapshot writer's lock.
+    lock: WriterLock,
+    /// The newest snapshot this edge knows of.
+    newest_snapshot: Option<Pointer>,
+    /// When this edge last wrote a snapshot (or started).
+    last_snapshot_at: std::time::Instant,
+    /// Events applied since then.
+    events_since_snapshot: u64,
+}
+
+/// What a gap in the stream led to.
+enum Rebuilt {
+    /// The graph was rebuilt from a snapshot: read on from after it.
+    Recreate,
+    /// No snapshot covers the gap: apply the message that came.
+    ApplyAnyway,
+    /// The shards are gone.
+    Stop,
 }
 
 /// Why reading stopped.
@@ -202,6 +256,15 @@ impl EdgeConsumer {
                 Ok(info) => info.stream_sequence,
                 Err(error) => return self.recreate_unless_stopping(error.to_string()),
             };
+            if stream_seq != self.next_stream_seq {
+                match self.rebuild_after_gap(stream_seq).await {
+                    Rebuilt::Recreate => {
+                        return Ended::Recreate("rebuilt from the newest snapshot".into())
+                    }
+                    Rebuilt::Stop => return Ended::Stop,
+                    Rebuilt::ApplyAnyway => {}
+                }
+            }
             self.next_stream_seq = stream_seq + 1;
             if !self
                 .apply(stream_seq, message.headers.as_ref(), &message.payload)
@@ -209,7 +272,177 @@ impl EdgeConsumer {
             {
                 return Ended::Stop;
             }
+            let counters = &self.shared.counters;
+            counters
+                .nats_last_applied_stream_seq
+                .store(stream_seq, Ordering::Relaxed);
+            counters
+                .nats_consumer_lag
+                .store(message.info().map_or(0, |info| info.pending), Ordering::Relaxed);
+            if !self.snapshot_if_due().await {
+                return Ended::Stop;
+            }
         }
+    }
+
+    /// Loads the newest snapshot into the shards and reads on after it. Returns whether there
+    /// was one.
+    async fn load_newest_snapshot(&mut self) -> Result<bool, String> {
+        let loaded = self.snapshots.load_newest().await;
+        let counters = &self.shared.counters;
+        let (pointer, snapshot) = match loaded {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => return Ok(false),
+            Err(error) => {
+                Counters::add(&counters.snapshot_failures, 1);
+                return Err(error);
+            }
+        };
+        let edges = Arc::new(snapshot.edges);
+        if !self
+            .broadcast(|| ShardCommand::ImportGraph(edges.clone()))
+            .await
+        {
+            return Ok(false);
+        }
+        self.applied = snapshot.event_seq;
+        self.next_stream_seq = snapshot.stream_seq + 1;
+        Counters::add(&counters.snapshots_loaded, 1);
+        counters
+            .snapshot_edges
+            .store(edges.len() as u64, Ordering::Relaxed);
+        counters
+            .nats_last_applied_stream_seq
+            .store(snapshot.stream_seq, Ordering::Relaxed);
+        tracing::info!(
+            "loaded snapshot {} ({} edges, stream message {}, written {} ms ago)",
+            pointer.object,
+            edges.len(),
+            snapshot.stream_seq,
+            pointer.age().as_millis()
+        );
+        self.newest_snapshot = Some(pointer);
+        Ok(true)
+    }
+
+    /// The consumer delivered `stream_seq` instead of the next message: the messages between
+    /// are gone from the stream. Closes the clients and rebuilds from the newest snapshot when
+    /// it covers the hole; otherwise counts the gap and applies on.
+    async fn rebuild_after_gap(&mut self, stream_seq: u64) -> Rebuilt {
+        let expected = self.next_stream_seq;
+        let counters = &self.shared.counters;
+        Counters::add(&counters.nats_stream_gaps, 1);
+        let covering = match self.snapshots.pointer().await {
+            Ok(Some((pointer, _))) => pointer.stream_seq + 1 >= stream_seq,
+            _ => false,
+        };
+        if !covering {
+            self.shared.faults.warn(Fault::Cluster, || {
+                format!(
+                    "stream message {stream_seq} came after {}: messages in between are gone \
+                     and no snapshot covers them; applying on",
+                    expected.saturating_sub(1)
+                )
+            });
+            return Rebuilt::ApplyAnyway;
+        }
+        self.shared.faults.warn(Fault::Cluster, || {
+            format!(
+                "stream message {stream_seq} came after {}: this edge fell behind the \
+                 stream's retention; closing its clients and rebuilding from the newest snapshot",
+                expected.saturating_sub(1)
+            )
+        });
+        if !self.broadcast(|| ShardCommand::EndSession).await {
+            return Rebuilt::Stop;
+        }
+        Counters::add(&counters.snapshot_rebuilds, 1);
+        match self.load_newest_snapshot().await {
+            Ok(true) => Rebuilt::Recreate,
+            _ => Rebuilt::ApplyAnyway,
+        }
+    }
+
+    /// Writes a snapshot when this edge holds the writer's lock and one is due. Returns false
+    /// when the shards are gone.
+    async fn snapshot_if_due(&mut self) -> bool {
+        let nats = &self.shared.config.nats;
+        let by_time = nats
+            .snapshot_interval
+            .is_some_and(|interval| self.last_snapshot_at.elapsed() >= interval);
+        let by_count = nats
+            .snapshot_events
+            .is_some_and(|events| self.events_since_snapshot >= events);
+        let applied_stream_seq = self.next_stream_seq - 1;
+        let newer = self
+            .newest_snapshot
+            .as_ref()
+            .is_none_or(|pointer| pointer.stream_seq < applied_stream_seq);
+        let counters = &self.shared.counters;
+        if let Some(pointer) = &self.newest_snapshot {
+            counters
+                .snapshot_age_ms
+                .store(pointer.age().as_millis() as u64, Ordering::Relaxed);
+        }
+        let looking = self.lock.due(nats.snapshot_lock_ttl);
+        let holding = self
+            .lock
+            .hold(&self.snapshots, nats.snapshot_lock_ttl)
+            .await;
+        if looking && !holding {
+            // Another edge writes the snapshots: follow its pointer for the age gauge.
+            if let Ok(Some((pointer, _))) = self.snapshots.pointer().await {
+                self.newest_snapshot = Some(pointer);
+            }
+        }
+        counters
+            .snapshot_writer
+            .store(holding as u64, Ordering::Relaxed);
+        if !holding || !(by_time || by_count) || !newer || applied_stream_seq == 0 {
+            return true;
+        }
+        self.last_snapshot_at = std::time::Instant::now();
+        self.events_since_snapshot = 0;
+        let (reply, replies) = flume::unbounded();
+        if !self
+            .broadcast(|| ShardCommand::ExportGraph(reply.clone()))
+            .await
+        {
+            return false;
+        }
+        let mut edges = Vec::new();
+        for _ in 0..self.shards.len() {
+            match replies.recv_async().await {
+                Ok(mut part) => edges.append(&mut part),
+                Err(_) => return false,
+            }
+        }
+        let started = std::time::Instant::now();
+        let snapshot = GraphSnapshot::new(applied_stream_seq, self.applied, edges);
+        match self.snapshots.write(&snapshot).await {
+            Ok(Some(pointer)) => {
+                Counters::add(&counters.snapshots_written, 1);
+                counters
+                    .snapshot_edges
+                    .store(snapshot.edges.len() as u64, Ordering::Relaxed);
+                counters.snapshot_age_ms.store(0, Ordering::Relaxed);
+                tracing::info!(
+                    "wrote snapshot {} ({} edges) in {} ms",
+                    pointer.object,
+                    snapshot.edges.len(),
+                    started.elapsed().as_millis()
+                );
+                self.newest_snapshot = Some(pointer);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                Counters::add(&counters.snapshot_failures, 1);
+                self.shared
+                    .faults
+                    .warn(Fault::Cluster, || format!("snapshot not written: {error}"));
+            }
+        }
+        true
     }
 
     fn recreate_unless_stopping(&self, error: String) -> Ended {
@@ -285,6 +518,7 @@ impl EdgeConsumer {
             return true;
         }
         Counters::add(&counters.events_delivered, shared_batch.len() as u64);
+        self.events_since_snapshot += shared_batch.len() as u64;
         Counters::add(&counters.batch_deliveries, self.shards.len() as u64);
         self.broadcast(|| ShardCommand::Batch(shared_batch.clone()))
             .await

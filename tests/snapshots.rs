@@ -1,0 +1,458 @@
+//! Failure drills of a cluster's follow graph over a real nats-server (JetStream, file store in
+//! a temporary directory, a free port): follow-graph snapshots, a late edge, an edge killed
+//! with SIGKILL and restarted, nats-server killed while snapshots are written. Nodes run
+//! in-process through `start`, or as the real binary where a drill kills one; clients and the
+//! source talk loopback TCP and every byte is checked.
+//!
+//! These tests need `nats-server` (scripts/install-nats.sh installs it). Without it they are
+//! skipped with a message, except under CI=true, where they fail.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use efr::config::{Config, Role};
+use efr::server::RunningServer;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_efr-sharded");
+/// How long a drill waits for a condition (NATS restarts, snapshot loads on a loaded machine).
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Events between snapshots in these drills.
+const SNAPSHOT_EVENTS: u64 = 10_000;
+
+fn nats_available() -> bool {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nats-server is not installed (CI must run scripts/install-nats.sh)"
+        );
+        let _ = std::io::stderr().write_all(
+            b"SKIPPED: the snapshot drills need nats-server (run scripts/install-nats.sh)\n",
+        );
+    }
+    found
+}
+
+/// A nats-server with JetStream on a free port and a store of its own; killed on drop.
+struct NatsServer {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+impl NatsServer {
+    fn start() -> NatsServer {
+        let dir = std::env::temp_dir().join(format!(
+            "efr-nats-snapshots-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ports")).unwrap();
+        let mut server = NatsServer {
+            child: Self::spawn(&dir, None),
+            dir,
+            port: 0,
+        };
+        server.port = server.wait_for_port();
+        server
+    }
+
+    #[allow(clippy::zombie_processes)]
+    fn spawn(dir: &Path, port: Option<u16>) -> Child {
+        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("nats.log"))
+            .unwrap();
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(dir.join("store"))
+            .arg("--ports_file_dir")
+            .arg(dir.join("ports"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts")
+    }
+
+    fn wait_for_port(&self) -> u16 {
+        let ports_file = self
+            .dir
+            .join("ports")
+            .join(format!("nats-server_{}.ports", self.child.id()));
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file) {
+                if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let url = ports["nats"][0]
+                        .as_str()
+                        .or(ports["client"][0].as_str())
+                        .expect("a client url");
+                    return url.rsplit(':').next().unwrap().parse().unwrap();
+                }
+            }
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, Some(self.port));
+        assert_eq!(self.wait_for_port(), self.port);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node(role: Role, nats: &NatsServer, cores: usize) -> Config {
+    let mut config = Config::ephemeral(cores);
+    config.role = role;
+    config.nats.url = nats.url();
+    config.nats.resume = true;
+    config.nats.snapshot_interval = None;
+    config.nats.snapshot_events = Some(SNAPSHOT_EVENTS);
+    config
+}
+
+fn counter(server: &RunningServer, name: &str) -> u64 {
+    server
+        .counters()
+        .snapshot()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+        .1
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Batches of `events[range]` in a shuffled order the resequencer puts right.
+fn batches_of(range: std::ops::Range<usize>) -> Vec<Vec<usize>> {
+    harness_batches(range.start as u64 + 7, range.len(), 50)
+        .into_iter()
+        .map(|batch| batch.into_iter().map(|i| i + range.start).collect())
+        .collect()
+}
+
+/// A client whose bytes a thread collects until EOF.
+struct EdgeClient {
+    user: u64,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl EdgeClient {
+    fn connect(addr: SocketAddr, user: u64) -> EdgeClient {
+        let mut stream = TcpStream::connect(addr).expect("client connects");
+        stream.write_all(format!("{user}\n").as_bytes()).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes);
+            bytes
+        });
+        EdgeClient { user, reader }
+    }
+
+    fn lines(self) -> (u64, Vec<String>) {
+        let text = String::from_utf8(self.reader.join().unwrap()).expect("utf-8");
+        assert!(text.is_empty() || text.ends_with('\n'), "unterminated");
+        (self.user, text.lines().map(str::to_string).collect())
+    }
+}
+
+/// What each user receives from the events after the first `from` ones, the graph of those
+/// included.
+fn expected_after(events: &[String], users: &[u64], from: usize) -> HashMap<u64, Vec<String>> {
+    let first_new_seq = from as u64 + 1;
+    expected_notifications(events, users)
+        .into_iter()
+        .map(|(user, lines)| {
+            let lines = lines
+                .into_iter()
+                .filter(|line| {
+                    line.split('|').next().unwrap().parse::<u64>().unwrap() >= first_new_seq
+                })
+                .collect();
+            (user, lines)
+        })
+        .collect()
+}
+
+fn check(clients: Vec<EdgeClient>, expected: &HashMap<u64, Vec<String>>, edge: &str) {
+    let mut notified = 0;
+    for client in clients {
+        let (user, got) = client.lines();
+        assert_eq!(got.len(), expected[&user].len(), "{edge}: user {user}");
+        assert_eq!(&got, &expected[&user], "{edge}: user {user}");
+        notified += got.len();
+    }
+    assert!(notified > 0, "{edge}: the drill notified nobody");
+}
+
+fn connect_and_register(server: &RunningServer, addr: SocketAddr, users: &[u64]) -> Vec<EdgeClient> {
+    let before = counter(server, "clients_registered");
+    let clients = users.iter().map(|&u| EdgeClient::connect(addr, u)).collect();
+    wait_until("registrations", || {
+        counter(server, "clients_registered") >= before + users.len() as u64
+    });
+    clients
+}
+
+#[test]
+fn a_late_edge_loads_the_snapshot_and_serves_the_same_bytes_as_an_old_edge() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ingest = start_server(node(Role::Ingest, &nats, 1));
+    let old = start_server(node(Role::Edge, &nats, 2));
+    let workload = harness_workload(41, 60_000, 500, 50);
+    let events = &workload.events;
+    let head = 50_000;
+    send_source(ingest.event_addr, events, &batches_of(0..head), "\n");
+    wait_until("the old edge applies the head", || {
+        counter(&old, "events_delivered") == head as u64
+    });
+    assert!(counter(&old, "snapshots_written") >= 1);
+    assert_eq!(counter(&old, "snapshot_writer"), 1);
+    let late = start_server(node(Role::Edge, &nats, 1));
+    assert_eq!(counter(&late, "snapshots_loaded"), 1);
+    wait_until("the late edge catches up", || {
+        counter(&late, "nats_last_applied_stream_seq")
+            == counter(&old, "nats_last_applied_stream_seq")
+    });
+    // It read only the stream after the snapshot.
+    assert!(counter(&late, "events_delivered") < head as u64 / 2);
+    assert!(counter(&late, "snapshot_edges") > 1_000);
+    let users = &workload.clients;
+    let old_clients = connect_and_register(&old, old.client_addr, users);
+    let late_clients = connect_and_register(&late, late.client_addr, users);
+    send_source(ingest.event_addr, events, &batches_of(head..events.len()), "\n");
+    for edge in [&old, &late] {
+        wait_until("the tail is applied", || {
+            counter(edge, "nats_last_applied_stream_seq")
+                == counter(&ingest, "nats_messages_published")
+        });
+    }
+    old.stop();
+    late.stop();
+    let expected = expected_after(events, users, head);
+    check(old_clients, &expected, "old edge");
+    check(late_clients, &expected, "late edge");
+    for edge in [old, late] {
+        assert_eq!(counter(&edge, "nats_stream_gaps"), 0);
+        edge.wait().unwrap();
+    }
+    ingest.stop_and_wait().unwrap();
+}
+
+/// A node as the real binary, its stderr scanned for log lines.
+struct BinaryNode {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl BinaryNode {
+    fn start(args: &[&str]) -> BinaryNode {
+        let mut child = Command::new(BINARY)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("efr-sharded starts");
+        let stderr = child.stderr.take().unwrap();
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        BinaryNode {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        if let Some(line) = self.log.iter().find(|line| line.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}: {:#?}", self.log));
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// The client address from the "listening" line.
+    fn client_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_line("efr-sharded listening");
+        let addr = line
+            .split("clients on ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .expect("clients on ADDR");
+        addr.trim().parse().expect("an address")
+    }
+
+    /// A value of the metrics page (`--metrics-addr`), by counter name.
+    fn metric(&mut self, name: &str) -> u64 {
+        let line = self.wait_for_line("metrics on http://");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("metrics address");
+        let mut stream = TcpStream::connect(addr).expect("metrics connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: efr\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        let key = format!("efr_{name} ");
+        page.lines()
+            .find_map(|line| line.strip_prefix(&key))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for BinaryNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_edge_killed_with_sigkill_restarts_from_the_snapshot_and_serves_new_clients() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ingest = start_server(node(Role::Ingest, &nats, 1));
+    let reference = start_server(node(Role::Edge, &nats, 1));
+    let url = nats.url();
+    let snapshot_events = SNAPSHOT_EVENTS.to_string();
+    let edge_args = [
+        "--role",
+        "edge",
+        "--nats",
+        url.as_str(),
+        "--cores",
+        "1",
+        "--bind",
+        "127.0.0.1",
+        "--client-port",
+        "0",
+        "--snapshot-interval-s",
+        "0",
+        "--snapshot-events",
+        snapshot_events.as_str(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut victim = BinaryNode::start(&edge_args);
+    victim.client_addr();
+    assert_eq!(victim.metric("snapshots_loaded"), 0);
+    let workload = harness_workload(43, 40_000, 400, 40);
+    let events = &workload.events;
+    let head = 30_000;
+    send_source(ingest.event_addr, events, &batches_of(0..head), "\n");
+    wait_until("the reference edge applies the head", || {
+        counter(&reference, "events_delivered") == head as u64
+    });
+    victim.kill();
+    let started = Instant::now();
+    let mut restarted = BinaryNode::start(&edge_args);
+    let loaded = restarted.wait_for_line("loaded snapshot");
+    let addr = restarted.client_addr();
+    let restart_time = started.elapsed();
+    eprintln!("edge restart: {loaded} (client port open after {restart_time:?})");
+    let users = &workload.clients;
+    let reference_clients = connect_and_register(&reference, reference.client_addr, users);
+    assert_eq!(restarted.metric("snapshots_loaded"), 1);
+    let restarted_clients: Vec<EdgeClient> =
+        users.iter().map(|&u| EdgeClient::connect(addr, u)).collect();
+    wait_until("registrations on the restarted edge", || {
+        restarted.metric("clients_registered") == users.len() as u64
+    });
+    send_source(ingest.event_addr, events, &batches_of(head..events.len()), "\n");
+    wait_until("the tail is applied", || {
+        counter(&reference, "events_delivered") == events.len() as u64
+    });
+    let last = counter(&reference, "nats_last_applied_stream_seq");
+    wait_until("the restarted edge applies the tail", || {
+        restarted.metric("nats_last_applied_stream_seq") == last
+    });
+    reference.stop();
+    let expected = expected_after(events, users, head);
+    check(reference_clients, &expected, "reference edge");
+    // The restarted edge stops gracefully on SIGTERM, writing out what it holds.
+    // SAFETY: signals a child process this test owns.
+    unsafe {
+        libc::kill(restarted.child.id() as i32, libc::SIGTERM);
+    }
+    restarted.child.wait().unwrap();
+    check(restarted_clients, &expected, "restarted edge");
+    reference.wait().unwrap();
+    ingest.stop_and_wait().unwrap();
+}
