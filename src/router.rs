@@ -563,7 +563,9 @@ mod tests {
     #[test]
     fn exported_edges_imported_elsewhere_route_the_same() {
         let shards = 3;
-        let mut old: Vec<Router> = (0..shards).map(|s| Router::new(s, shards, 1 << 20)).collect();
+        let mut old: Vec<Router> = (0..shards)
+            .map(|s| Router::new(s, shards, 1 << 20))
+            .collect();
         let graph = batch(&["1|F|1|2", "2|F|3|2", "3|F|4|2", "4|U|3|2", "5|F|2|4"]);
         let mut edges = Vec::new();
         for router in &mut old {
@@ -573,7 +575,9 @@ mod tests {
         edges.sort_unstable();
         assert_eq!(edges, vec![(1, 2), (2, 4), (4, 2)]);
         let ownership = Ownership::new(shards);
-        let mut new: Vec<Router> = (0..shards).map(|s| Router::new(s, shards, 1 << 20)).collect();
+        let mut new: Vec<Router> = (0..shards)
+            .map(|s| Router::new(s, shards, 1 << 20))
+            .collect();
         let clients: Vec<(u64, usize, ClientId)> = (1..=4)
             .map(|user| {
                 let owner = ownership.owner(user);

@@ -276,9 +276,10 @@ impl EdgeConsumer {
             counters
                 .nats_last_applied_stream_seq
                 .store(stream_seq, Ordering::Relaxed);
-            counters
-                .nats_consumer_lag
-                .store(message.info().map_or(0, |info| info.pending), Ordering::Relaxed);
+            counters.nats_consumer_lag.store(
+                message.info().map_or(0, |info| info.pending),
+                Ordering::Relaxed,
+            );
             if !self.snapshot_if_due().await {
                 return Ended::Stop;
             }

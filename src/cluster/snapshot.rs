@@ -74,9 +74,9 @@ impl std::error::Error for SnapshotError {}
 pub fn checksum(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |hash, &byte| (hash ^ byte as u64).wrapping_mul(PRIME))
+    bytes.iter().fold(OFFSET, |hash, &byte| {
+        (hash ^ byte as u64).wrapping_mul(PRIME)
+    })
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {

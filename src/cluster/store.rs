@@ -335,7 +335,8 @@ impl WriterLock {
     /// Whether [`hold`](Self::hold) will look at the lock in NATS (a third of its lifetime
     /// passed since the last look).
     pub fn due(&self, ttl: Duration) -> bool {
-        self.checked.is_none_or(|checked| checked.elapsed() >= ttl / 3)
+        self.checked
+            .is_none_or(|checked| checked.elapsed() >= ttl / 3)
     }
 
     /// Whether this edge holds the lock now: refreshes it (or tries to take it) when a third
