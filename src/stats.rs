@@ -77,6 +77,7 @@ counters! {
     nats_messages_bad: "counter", "Edge: stream messages with bad headers or unparseable lines.";
     nats_last_applied_stream_seq: "gauge", "Edge: the last stream message applied (or loaded from a snapshot).";
     nats_consumer_lag: "gauge", "Edge: stream messages after the last applied one, as the consumer last saw them.";
+    nats_catch_up_events: "counter", "Edge: events after the snapshot whose graph changes were applied at start, before the client port opened.";
     snapshots_written: "counter", "Edge: follow-graph snapshots this edge wrote (as the snapshot lock's holder).";
     snapshots_loaded: "counter", "Edge: follow-graph snapshots loaded (at start, or after falling behind the stream).";
     snapshot_rebuilds: "counter", "Edge: rebuilds from a snapshot after the stream no longer held the next message.";

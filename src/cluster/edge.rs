@@ -8,9 +8,10 @@
 //! [`ShardCommand::EndSession`]. The edge checks that each batch starts right after the last
 //! one it applied: an older one is dropped, a gap is logged and counted.
 //!
-//! At start the edge loads the newest follow-graph snapshot ([`store`](super::store)) into
-//! its shards before it reports ready (so before its client port accepts anyone), and reads
-//! the stream from the message after it. A message that is not the next stream message (the
+//! At start the edge loads the newest follow-graph snapshot ([`store`](super::store)), applies
+//! the graph changes of the stream messages after it up to the stream's last one, and hands
+//! that graph to its shards before it reports ready (so before its client port accepts
+//! anyone); then it reads on from there. A message that is not the next stream message (the
 //! edge fell behind the stream's retention) closes its clients and rebuilds the graph from
 //! the newest snapshot. The edge holding the snapshot lock writes a snapshot every
 //! `--snapshot-interval-s` or `--snapshot-events`, collected from its shards in stream order.
@@ -29,6 +30,7 @@ use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
 use super::{connect, runtime, STOP_CHECK};
 use crate::batch::BatchPool;
+use crate::protocol::EventKind;
 use crate::server::Shared;
 use crate::shard::ShardCommand;
 use crate::stats::{Counters, Fault};
@@ -131,12 +133,9 @@ fn run(
             last_snapshot_at: std::time::Instant::now(),
             events_since_snapshot: 0,
         };
-        if let Err(error) = edge.load_newest_snapshot().await {
-            // Without a snapshot the edge reads the stream from its first message; a gap
-            // there is counted and logged.
-            edge.shared.faults.warn(Fault::Cluster, || {
-                format!("starting without a snapshot: {error}")
-            });
+        if let Err(error) = edge.catch_up(&stream).await {
+            let _ = ready.send(Err(error.clone()));
+            return Err(error);
         }
         tracing::info!(
             "edge consuming stream {} from {} at message {}",
@@ -169,6 +168,10 @@ struct EdgeConsumer {
     last_snapshot_at: std::time::Instant,
     /// Events applied since then.
     events_since_snapshot: u64,
+}
+
+fn stream_name(stream: &stream::Stream) -> &str {
+    &stream.cached_info().config.name
 }
 
 /// What a gap in the stream led to.
@@ -284,6 +287,145 @@ impl EdgeConsumer {
                 return Ended::Stop;
             }
         }
+    }
+
+    /// Builds the follow graph as of the stream's last message before any client can
+    /// connect: the newest snapshot, then the graph changes of every message after it, read
+    /// here (no client is connected yet, so no notification is due); hands the graph to the
+    /// shards and reads on after it.
+    async fn catch_up(&mut self, stream: &stream::Stream) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let counters = &self.shared.counters;
+        // The snapshot's edges as they are; a set only once a message changes them.
+        let mut loaded = Vec::new();
+        let mut graph: Option<ahash::AHashSet<(u64, u64)>> = None;
+        match self.snapshots.load_newest().await {
+            Ok(Some((pointer, snapshot))) => {
+                self.applied = snapshot.event_seq;
+                self.next_stream_seq = snapshot.stream_seq + 1;
+                Counters::add(&counters.snapshots_loaded, 1);
+                counters
+                    .snapshot_edges
+                    .store(snapshot.edges.len() as u64, Ordering::Relaxed);
+                tracing::info!(
+                    "loaded snapshot {} ({} edges, stream message {}, written {} ms ago)",
+                    pointer.object,
+                    snapshot.edges.len(),
+                    snapshot.stream_seq,
+                    pointer.age().as_millis()
+                );
+                self.newest_snapshot = Some(pointer);
+                loaded = snapshot.edges;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                // Without a snapshot the edge reads the stream from its first message; a gap
+                // there is counted and logged.
+                Counters::add(&counters.snapshot_failures, 1);
+                self.shared.faults.warn(Fault::Cluster, || {
+                    format!("starting without a snapshot: {error}")
+                });
+            }
+        }
+        let head = stream
+            .get_info()
+            .await
+            .map_err(|error| format!("cannot read stream {}: {error}", stream_name(stream)))?
+            .state
+            .last_sequence;
+        let mut caught_up = 0u64;
+        while self.next_stream_seq <= head && !self.stopping() {
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: self.next_stream_seq,
+                    },
+                    max_batch: self.shared.config.nats.pull_messages as i64,
+                    max_expires: PULL_EXPIRY,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|error| format!("cannot read the stream to catch up: {error}"))?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|error| format!("cannot read the stream to catch up: {error}"))?;
+            let mut batch = crate::batch::OrderedBatch::default();
+            while self.next_stream_seq <= head {
+                let message = match tokio::time::timeout(PULL_EXPIRY, messages.next()).await {
+                    Ok(Some(Ok(message))) => message,
+                    _ => break,
+                };
+                let Ok(info) = message.info() else { break };
+                let stream_seq = info.stream_sequence;
+                if stream_seq != self.next_stream_seq {
+                    Counters::add(&counters.nats_stream_gaps, 1);
+                    self.shared.faults.warn(Fault::Cluster, || {
+                        format!(
+                            "catching up: stream message {stream_seq} came after {}: the \
+                             messages in between are gone and the graph misses their changes",
+                            self.next_stream_seq - 1
+                        )
+                    });
+                }
+                self.next_stream_seq = stream_seq + 1;
+                Counters::add(&counters.nats_messages_applied, 1);
+                match Envelope::from_headers(message.headers.as_ref()).map(|e| e.kind) {
+                    Ok(Kind::Reset) => {
+                        loaded.clear();
+                        graph = None;
+                        self.applied = None;
+                    }
+                    Ok(Kind::Batch { last, .. }) => {
+                        batch.clear();
+                        decode_events(&message.payload, &mut batch);
+                        for batched in batch.events() {
+                            let event = batched.event;
+                            if !matches!(event.kind, EventKind::Follow | EventKind::Unfollow) {
+                                continue;
+                            }
+                            let graph = graph.get_or_insert_with(|| {
+                                std::mem::take(&mut loaded).into_iter().collect()
+                            });
+                            match event.kind {
+                                EventKind::Follow => {
+                                    graph.insert((event.from, event.to));
+                                }
+                                EventKind::Unfollow => {
+                                    graph.remove(&(event.from, event.to));
+                                }
+                                _ => {}
+                            }
+                        }
+                        caught_up += batch.len() as u64;
+                        self.applied = Some(last);
+                    }
+                    Err(_) => Counters::add(&counters.nats_messages_bad, 1),
+                }
+            }
+        }
+        let edges: Arc<Vec<(u64, u64)>> = Arc::new(match graph {
+            Some(graph) => graph.into_iter().collect(),
+            None => loaded,
+        });
+        if !self
+            .broadcast(|| ShardCommand::ImportGraph(edges.clone()))
+            .await
+        {
+            return Err("the shards are gone".into());
+        }
+        counters
+            .nats_last_applied_stream_seq
+            .store(self.next_stream_seq - 1, Ordering::Relaxed);
+        Counters::add(&counters.nats_catch_up_events, caught_up);
+        tracing::info!(
+            "graph of {} edges built in {} ms: caught up on {caught_up} events to stream \
+             message {}",
+            edges.len(),
+            started.elapsed().as_millis(),
+            self.next_stream_seq - 1
+        );
+        Ok(())
     }
 
     /// Loads the newest snapshot into the shards and reads on after it. Returns whether there
