@@ -562,4 +562,38 @@ mod tests {
             assert!(Args::parse_from(bad).into_config().is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn cluster_flags_are_parsed_and_checked() {
+        let config = Config::default();
+        assert_eq!(config.role, Role::All);
+        assert_eq!(config.nats.url, DEFAULT_NATS_URL);
+        assert!(!config.nats.resume);
+        let config = Args::parse_from([
+            "efr-sharded",
+            "--role",
+            "ingest",
+            "--nats",
+            "nats://10.0.0.1:4222",
+            "--nats-stream",
+            "feed_1",
+            "--resume",
+            "--nats-flush-us",
+            "200",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.role, Role::Ingest);
+        assert_eq!(config.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(config.nats.stream, "feed_1");
+        assert!(config.nats.resume);
+        assert_eq!(config.nats.flush_interval, Duration::from_micros(200));
+        for bad in [
+            &["efr-sharded", "--nats-stream", "a.b"][..],
+            &["efr-sharded", "--nats-message-bytes", "10"],
+            &["efr-sharded", "--nats-pull-messages", "0"],
+        ] {
+            assert!(Args::parse_from(bad).into_config().is_err(), "{bad:?}");
+        }
+    }
 }

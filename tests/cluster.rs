@@ -573,3 +573,46 @@ fn an_ingest_started_without_resume_after_a_resuming_one_resets_every_edge() {
     fresh.stop_and_wait().unwrap();
     edge.stop_and_wait().unwrap();
 }
+
+#[test]
+fn an_edge_started_late_replays_the_stream_and_serves_like_the_others() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let early = start_server(node(Role::Edge, &nats, 1));
+    let ingest = resuming_ingest(&nats);
+    let lines = |text: &[&str]| -> Vec<String> { text.iter().map(|s| s.to_string()).collect() };
+    // The graph is built before the late edge exists: 2 and 3 follow 1.
+    send_source(
+        ingest.event_addr,
+        &lines(&["1|F|2|1", "2|F|3|1"]),
+        &[vec![1, 0]],
+        "\n",
+    );
+    wait_for(&early, "delivered", 2, delivered);
+    let late = start_server(node(Role::Edge, &nats, 2));
+    wait_for(&late, "delivered", 2, delivered);
+    let edges = [early, late];
+    // Users 2 and 3 on both edges.
+    let clients = connect_spread(&edges, &[2, 3, 3, 2]);
+    send_source(
+        ingest.event_addr,
+        &lines(&["3|S|1", "4|P|1|2"]),
+        &[vec![1, 0]],
+        "\n",
+    );
+    for edge in &edges {
+        wait_for(edge, "delivered", 4, delivered);
+        edge.stop();
+    }
+    let mut expected = HashMap::new();
+    expected.insert(2, lines(&["3|S|1", "4|P|1|2"]));
+    expected.insert(3, lines(&["3|S|1"]));
+    check_clients(clients, &expected);
+    assert_in_order_everywhere(&edges);
+    ingest.stop_and_wait().unwrap();
+    for edge in edges {
+        edge.wait().unwrap();
+    }
+}

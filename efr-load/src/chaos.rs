@@ -157,7 +157,7 @@ struct ClientCounts {
 }
 
 /// Faults injected, as reported (summary and JSON).
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct FaultsInjected {
     /// Empty lines.
     pub empty_lines: u64,

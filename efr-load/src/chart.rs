@@ -12,6 +12,7 @@ use plotters::coord::ranged1d::SegmentedCoord;
 use plotters::coord::types::RangedCoordusize;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::report::ms;
 use super::rows::{Row, Verdict, CEILING_NAME};
@@ -46,8 +47,10 @@ const FAIL_COLOUR: RGBColor = RGBColor(0xcc, 0x33, 0x33);
 const CEILING_COLOUR: RGBColor = RGBColor(0x88, 0x88, 0x88);
 /// Radius of a latency point, pixels.
 pub const POINT_PX: i32 = 5;
-/// Requested number of labelled ticks on the latency axis.
-pub const LATENCY_TICKS: usize = 14;
+/// Gap between the latency axis and its tick labels, pixels.
+pub const TICK_LABEL_GAP_PX: i32 = 6;
+/// Colour of the latency axis's tick lines.
+const TICK_LINE_COLOUR: RGBColor = RGBColor(0xe4, 0xe4, 0xe4);
 /// Colour of the line joining one configuration's latency points.
 const RANGE_COLOUR: RGBColor = RGBColor(0x99, 0x99, 0x99);
 /// Colours of the p50, p99 and p99.9 points.
@@ -197,6 +200,22 @@ pub fn throughput_chart(path: &Path, workload: &str, rows: &[&Row]) -> anyhow::R
     Ok(())
 }
 
+/// The 1-2-5 values (1, 2, 5, 10, 20, ...) between `lo` and `hi`, both > 0.
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut decade = 10f64.powi(lo.log10().floor() as i32);
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let t = decade * m;
+            if t >= lo && t <= hi {
+                out.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    out
+}
+
 /// p50, p99 and p99.9 latency per configuration: points joined by a line, in ms on a log
 /// axis with labelled ticks. The caption says how the workload was paced.
 pub fn latency_chart(path: &Path, w: &WorkloadSpec, rows: &[&Row]) -> anyhow::Result<()> {
@@ -241,11 +260,31 @@ pub fn latency_chart(path: &Path, w: &WorkloadSpec, rows: &[&Row]) -> anyhow::Re
             SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
-        .y_labels(LATENCY_TICKS)
+        .disable_y_mesh()
+        .y_labels(0)
+        .y_label_formatter(&|_| String::new())
         .y_desc("latency, ms (log scale)")
-        .y_label_formatter(&|v| ms(*v))
         .draw()
         .map_err(err)?;
+    // plotters labels a log axis at powers of ten only: draw 1-2-5 ticks, each labelled.
+    let ticks = log_ticks(lo, hi);
+    chart
+        .draw_series(ticks.iter().map(|&t| {
+            PathElement::new(
+                vec![(SegmentValue::Exact(0), t), (SegmentValue::Last, t)],
+                TICK_LINE_COLOUR.stroke_width(1),
+            )
+        }))
+        .map_err(err)?;
+    let font = TextStyle::from(("sans-serif", LABEL_FONT).into_font())
+        .pos(Pos::new(HPos::Right, VPos::Center));
+    for &t in &ticks {
+        let (x, y) = chart
+            .plotting_area()
+            .map_coordinate(&(SegmentValue::Exact(0), t));
+        root.draw(&Text::new(ms(t), (x - TICK_LABEL_GAP_PX, y), font.clone()))
+            .map_err(err)?;
+    }
     // One configuration: a line from its p50 to its p99.9, a point per percentile.
     chart
         .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
@@ -295,4 +334,22 @@ pub fn latency_chart(path: &Path, w: &WorkloadSpec, rows: &[&Row]) -> anyhow::Re
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ticks_are_one_two_five() {
+        let t = log_ticks(0.015, 12.0);
+        assert_eq!(t.len(), 9);
+        for (got, want) in t
+            .iter()
+            .zip([0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0])
+        {
+            assert!((got / want - 1.0).abs() < 1e-9, "{t:?}");
+        }
+        assert!(log_ticks(3.0, 4.0).is_empty());
+    }
 }

@@ -599,6 +599,10 @@ pub struct CompareArgs {
     /// No line per run on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Run nothing: redraw the charts of an earlier comparison in DIR from its summary.json
+    /// (after a change to the charts).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["default", "servers", "workloads"])]
+    pub redraw_charts: Option<PathBuf>,
 }
 
 /// `efr-load null-server` flags: the ceiling as a process of its own, so that it has its

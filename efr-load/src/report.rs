@@ -4,10 +4,10 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Latency percentiles, microseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50_us: f64,
@@ -24,7 +24,7 @@ pub struct Latency {
 }
 
 /// The machine a run was made on.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
     /// CPU model from /proc/cpuinfo.
     pub cpu_model: Option<String>,
@@ -39,7 +39,7 @@ pub struct Machine {
 }
 
 /// Everything a run found and measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// True when every client received exactly what it should.
     pub pass: bool,
@@ -52,8 +52,10 @@ pub struct Report {
     /// How the source was paced, which says what the latency includes: `unpaced` (as fast
     /// as the server takes the events: latency includes queueing behind the source),
     /// `paced at N events/s`, or `one event at a time` (ping: round trips).
+    #[serde(default)]
     pub pacing: String,
     /// How the clients' registration was awaited before the source connected.
+    #[serde(default)]
     pub registration: String,
     /// Server address, `host:event_port/client_port`.
     pub server: String,

@@ -1,7 +1,7 @@
 //! The rows of `efr-load compare`: one per server and workload, with its runs, medians and
 //! verdict. Shared by the comparison that fills them and the charts that draw them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::ceiling::CeilingStats;
 use super::report::Report;
@@ -10,7 +10,7 @@ use super::report::Report;
 pub const CEILING_NAME: &str = "ceiling";
 
 /// One run's outcome.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunOutcome {
     /// 1-based run number.
     pub run: usize,
@@ -23,7 +23,7 @@ pub struct RunOutcome {
 }
 
 /// One row: a server on a workload, medians over its runs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     /// Workload label.
     pub workload: String,
@@ -68,8 +68,10 @@ pub struct Row {
     /// The server's log, relative to the output directory.
     pub log: Option<String>,
     /// Why the server is wrong by design, when it is (its failures are expected).
+    #[serde(default)]
     pub expect_fail: Option<String>,
     /// Why the server cannot run this workload, when it cannot (no run was made).
+    #[serde(default)]
     pub skipped: Option<String>,
 }
 

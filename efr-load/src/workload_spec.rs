@@ -33,6 +33,16 @@ impl WorkloadSpec {
         self.rate.is_none() && !matches!(self.cmd, WorkloadCmd::Ping(_))
     }
 
+    /// The number of client connections of the workload.
+    pub fn clients(&self) -> u64 {
+        match &self.cmd {
+            WorkloadCmd::Harness(a) => a.concurrency,
+            WorkloadCmd::Replay(a) => a.concurrency,
+            WorkloadCmd::Fanout(a) => a.clients,
+            WorkloadCmd::Ping(_) => 1,
+        }
+    }
+
     /// How the latency of this workload is measured, for tables and charts.
     pub fn latency_kind(&self) -> String {
         match (&self.cmd, self.rate) {

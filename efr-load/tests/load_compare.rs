@@ -13,8 +13,9 @@ use efr_load::compare::{compare, parse_workload, CompareArgs, CEILING_NAME};
 use efr_load::model::expected_streams;
 use efr_load::workload::LineEnding;
 
-/// Longest any single test may take (they are far faster; this only bounds a hang).
-const TEST_BOUND: Duration = Duration::from_secs(30);
+/// Longest any single test may take: it only bounds a hang (the whole file took 20-40 s with
+/// the machine's load average at 15, seconds on a quiet machine).
+const TEST_BOUND: Duration = Duration::from_secs(120);
 
 mod load_support;
 use load_support::efr_stand_in;
@@ -158,6 +159,12 @@ fn sharded_and_ceiling_pass_and_files_are_written() {
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("| ceiling | PASS 1/1 |") && md.contains("| sharded | PASS 1/1 |"));
     assert!(md.contains("p50 ms") && md.contains("### ping-200 (round trip"));
+    // The charts can be redrawn from summary.json alone.
+    let chart = out.join("latency-harness-5000.svg");
+    std::fs::remove_file(&chart).unwrap();
+    let redrawn = efr_load::compare::redraw_charts(&out).unwrap();
+    assert_eq!(redrawn, summary.charts);
+    assert_eq!(std::fs::read_to_string(&chart).unwrap(), unpaced);
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -171,8 +178,9 @@ fn a_server_that_exits_or_never_listens_is_a_failure_not_a_hang() {
             "harness:1000",
             "--runs",
             "2",
+            // Long enough for `sh -c 'exit 7'` to be reaped on a loaded machine.
             "--start-timeout-ms",
-            "1000",
+            "5000",
             "--server",
             "exits=exit 7",
             "--server",
@@ -183,14 +191,22 @@ fn a_server_that_exits_or_never_listens_is_a_failure_not_a_hang() {
     let (summary, _) = compare(&a, "test").unwrap();
     assert!(started.elapsed() < TEST_BOUND);
     let row = |n: &str| summary.rows.iter().find(|r| r.server == n).unwrap();
-    assert!(row(CEILING_NAME).pass);
+    assert!(row(CEILING_NAME).pass, "{:?}", row(CEILING_NAME).errors);
     for name in ["exits", "sleeps"] {
         let r = row(name);
         assert!(!r.pass && r.runs_passed == 0 && r.runs == 2, "{name}");
         assert!(r.notifications_per_s.is_none() && r.ratio_to_ceiling.is_none());
     }
-    assert!(row("exits").errors[0].contains("exited"));
-    assert!(row("sleeps").errors[0].contains("did not listen"));
+    assert!(
+        row("exits").errors[0].contains("exited"),
+        "{:?}",
+        row("exits").errors
+    );
+    assert!(
+        row("sleeps").errors[0].contains("did not listen"),
+        "{:?}",
+        row("sleeps").errors
+    );
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("| exits | FAIL 0/2 passed"));
     let _ = std::fs::remove_dir_all(&out);

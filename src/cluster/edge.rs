@@ -418,6 +418,8 @@ impl EdgeConsumer {
             .nats_last_applied_stream_seq
             .store(self.next_stream_seq - 1, Ordering::Relaxed);
         Counters::add(&counters.nats_catch_up_events, caught_up);
+        // Applied to the graph the shards now hold: delivered, as far as the stream goes.
+        Counters::add(&counters.events_delivered, caught_up);
         tracing::info!(
             "graph of {} edges built in {} ms: caught up on {caught_up} events to stream \
              message {}",
