@@ -551,7 +551,10 @@ fn an_ingest_killed_with_sigkill_resumes_and_every_edge_gets_each_event_once() {
     let started = Instant::now();
     let mut ingest = BinaryNode::start(&ingest_args);
     let mut source = TcpStream::connect(event_addr_of(&mut ingest)).unwrap();
-    eprintln!("ingest restart: event port open after {:?}", started.elapsed());
+    eprintln!(
+        "ingest restart: event port open after {:?}",
+        started.elapsed()
+    );
     write_in_order(&mut source, events, acknowledged..events.len());
     for edge in &edges {
         wait_until("every event applied", || {
