@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use efr::cluster::store::{object_name, SnapshotStore, KEEP_SNAPSHOTS};
 use efr::config::{Config, Role};
 use efr::server::RunningServer;
 
@@ -604,7 +605,24 @@ fn nats_killed_while_snapshots_are_written_leaves_a_pointer_to_a_whole_snapshot(
         counter(&writer, "events_delivered") == head as u64
     });
     drop(source);
-    let late = start_server(node(Role::Edge, &nats, 1));
+    // Straight from the store: the pointer names the newest of at most 2 objects, which is
+    // whole (its checksum and stream seq match the pointer).
+    let config = node(Role::Edge, &nats, 1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let context = async_nats::jetstream::new(client);
+        let store = SnapshotStore::open(&context, &config.nats).await.unwrap();
+        let seqs = store.object_seqs().await.unwrap();
+        assert!(!seqs.is_empty() && seqs.len() <= KEEP_SNAPSHOTS, "{seqs:?}");
+        let (pointer, snapshot) = store.load_newest().await.unwrap().expect("a snapshot");
+        assert_eq!(pointer.object, object_name(seqs[0]));
+        assert!(!snapshot.edges.is_empty());
+    });
+    let late = start_server(config);
     assert_eq!(counter(&late, "snapshots_loaded"), 1);
     assert_eq!(counter(&late, "snapshot_failures"), 0);
     wait_until("the late edge catches up", || {

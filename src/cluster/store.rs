@@ -281,6 +281,22 @@ impl SnapshotStore {
     /// Deletes every snapshot object but the newest [`KEEP_SNAPSHOTS`] and the pointer's.
     async fn prune(&self) -> Result<(), String> {
         let keep = self.pointer().await?.map(|(pointer, _)| pointer.object);
+        let seqs = self.object_seqs().await?;
+        for seq in seqs.into_iter().skip(KEEP_SNAPSHOTS) {
+            let name = object_name(seq);
+            if keep.as_deref() == Some(name.as_str()) {
+                continue;
+            }
+            self.objects
+                .delete(&name)
+                .await
+                .map_err(|error| format!("cannot delete snapshot {name}: {error}"))?;
+        }
+        Ok(())
+    }
+
+    /// The stream seqs of the snapshot objects in the store, newest first.
+    pub async fn object_seqs(&self) -> Result<Vec<u64>, String> {
         let mut list = self
             .objects
             .list()
@@ -301,17 +317,7 @@ impl SnapshotStore {
             }
         }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
-        for seq in seqs.into_iter().skip(KEEP_SNAPSHOTS) {
-            let name = object_name(seq);
-            if keep.as_deref() == Some(name.as_str()) {
-                continue;
-            }
-            self.objects
-                .delete(&name)
-                .await
-                .map_err(|error| format!("cannot delete snapshot {name}: {error}"))?;
-        }
-        Ok(())
+        Ok(seqs)
     }
 }
 
