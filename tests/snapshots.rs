@@ -698,6 +698,22 @@ fn full_size_edge_restart_from_a_snapshot() {
         events.len(),
         started.elapsed()
     );
+    // A tail after the snapshot (`EFR_DRILL_TAIL` follow events, default 10,000), which the
+    // restarted edge catches up on before its port opens.
+    let tail: u64 = std::env::var("EFR_DRILL_TAIL")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(10_000);
+    let head = events.len();
+    for index in 0..tail {
+        let follower = followers + 1 + index;
+        events.push(format!("{}|F|{follower}|1", events.len() + 1));
+    }
+    write_in_order(&mut source, &events, head..events.len());
+    wait_until("the writer applies the tail", || {
+        counter(&writer, "events_delivered") == events.len() as u64
+    });
+    assert_eq!(counter(&writer, "snapshots_written"), 1);
     let url = nats.url();
     let started = Instant::now();
     let mut restarted = BinaryNode::start_program(
@@ -724,8 +740,10 @@ fn full_size_edge_restart_from_a_snapshot() {
     let loaded = restarted.wait_for_line("loaded snapshot");
     let addr = restarted.client_addr();
     let restart = started.elapsed();
+    let caught_up = restarted.wait_for_line("caught up on");
     eprintln!(
-        "edge restart with {edge_count} edges: client port open after {restart:?} ({loaded})"
+        "edge restart with {edge_count} edges and a tail of {tail} events: client port open \
+         after {restart:?} ({loaded}; {caught_up})"
     );
     // Follower 1 follows 2..=11: a status update of 11 reaches it.
     let client = EdgeClient::connect(addr, 1);
