@@ -775,3 +775,52 @@ fn full_size_edge_restart_from_a_snapshot() {
     writer.stop_and_wait().unwrap();
     ingest.stop_and_wait().unwrap();
 }
+
+#[test]
+fn when_the_snapshot_writer_stops_another_edge_takes_the_lock_and_writes() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ingest = start_server(node(Role::Ingest, &nats, 1));
+    let with_short_lock = || {
+        let mut config = node(Role::Edge, &nats, 1);
+        config.nats.snapshot_lock_ttl = Duration::from_secs(1);
+        config
+    };
+    let first = start_server(with_short_lock());
+    let workload = harness_workload(59, 200_000, 500, 10);
+    let events = &workload.events;
+    let mut source = TcpStream::connect(ingest.event_addr).unwrap();
+    let mut sent = 0;
+    // 200 events at a time, each after the edges applied the last ones: about 1,000 rounds of
+    // at least the 5 ms poll, enough for the lock to expire.
+    let mut send_more = |source: &mut TcpStream, edge: &RunningServer| {
+        if counter(edge, "nats_last_applied_stream_seq")
+            < counter(&ingest, "nats_messages_published")
+        {
+            return;
+        }
+        let end = (sent + 200).min(events.len());
+        assert!(sent < end, "the workload ran out before the condition");
+        write_in_order(source, events, sent..end);
+        sent = end;
+    };
+    wait_until("the first edge writes a snapshot", || {
+        send_more(&mut source, &first);
+        counter(&first, "snapshots_written") >= 1
+    });
+    let second = start_server(with_short_lock());
+    assert_eq!(counter(&second, "snapshots_written"), 0);
+    first.stop_and_wait().unwrap();
+    // The lock expires a second after the first edge's last refresh; the second edge,
+    // reading on, takes it and writes the next snapshot.
+    wait_until("the second edge writes a snapshot", || {
+        send_more(&mut source, &second);
+        counter(&second, "snapshots_written") >= 1
+    });
+    assert_eq!(counter(&second, "snapshot_writer"), 1);
+    drop(source);
+    second.stop_and_wait().unwrap();
+    ingest.stop_and_wait().unwrap();
+}
