@@ -259,7 +259,12 @@ impl EdgeConsumer {
                 Ok(info) => info.stream_sequence,
                 Err(error) => return self.recreate_unless_stopping(error.to_string()),
             };
-            if stream_seq != self.next_stream_seq {
+            if stream_seq < self.next_stream_seq {
+                // Delivered again (a recreated consumer): applied already.
+                Counters::add(&self.shared.counters.nats_messages_stale, 1);
+                continue;
+            }
+            if stream_seq > self.next_stream_seq {
                 match self.rebuild_after_gap(stream_seq).await {
                     Rebuilt::Recreate => {
                         return Ended::Recreate("rebuilt from the newest snapshot".into())
