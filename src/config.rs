@@ -81,6 +81,21 @@ pub const DEFAULT_NATS_PUBLISH_IN_FLIGHT: usize = 256;
 pub const DEFAULT_NATS_PULL_MESSAGES: usize = 64;
 /// How long a cluster node waits for NATS at start before it gives up.
 pub const DEFAULT_NATS_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// An edge holding the snapshot lock writes a follow-graph snapshot this often (seconds; 0:
+/// never by time).
+pub const DEFAULT_SNAPSHOT_INTERVAL_S: u64 = 60;
+/// ... or after this many events since the last snapshot, whichever comes first (0: never by
+/// count).
+pub const DEFAULT_SNAPSHOT_EVENTS: u64 = 5_000_000;
+/// The snapshot lock expires this many seconds after its holder last refreshed it; another
+/// edge then takes it over.
+pub const DEFAULT_SNAPSHOT_LOCK_TTL_S: u64 = 10;
+/// How far (seconds) an edge may fall behind the newest snapshot and still catch up from the
+/// stream; the stream keeps 3 snapshot intervals plus this.
+pub const DEFAULT_NATS_ALLOWED_LAG_S: u64 = 60;
+/// Largest size of the stream in bytes before its oldest messages are discarded (0: no limit
+/// but the age).
+pub const DEFAULT_NATS_MAX_BYTES: u64 = 0;
 
 /// What a process does: everything (one machine), or one role of a NATS JetStream cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -261,6 +276,23 @@ pub struct Args {
     /// Milliseconds a cluster node waits for NATS at start.
     #[arg(long, env = "EFR_NATS_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_NATS_CONNECT_TIMEOUT_MS)]
     pub nats_connect_timeout_ms: u64,
+    /// Edge: seconds between follow-graph snapshots written by the edge holding the snapshot
+    /// lock (0: never by time).
+    #[arg(long, env = "EFR_SNAPSHOT_INTERVAL_S", default_value_t = DEFAULT_SNAPSHOT_INTERVAL_S)]
+    pub snapshot_interval_s: u64,
+    /// Edge: events after which a snapshot is written early (0: never by count).
+    #[arg(long, env = "EFR_SNAPSHOT_EVENTS", default_value_t = DEFAULT_SNAPSHOT_EVENTS)]
+    pub snapshot_events: u64,
+    /// Edge: seconds the snapshot lock outlives its holder's last refresh.
+    #[arg(long, env = "EFR_SNAPSHOT_LOCK_TTL_S", default_value_t = DEFAULT_SNAPSHOT_LOCK_TTL_S)]
+    pub snapshot_lock_ttl_s: u64,
+    /// Seconds an edge may lag behind the newest snapshot; the stream keeps messages for 3
+    /// snapshot intervals plus this (when the stream is created).
+    #[arg(long, env = "EFR_NATS_ALLOWED_LAG_S", default_value_t = DEFAULT_NATS_ALLOWED_LAG_S)]
+    pub nats_allowed_lag_s: u64,
+    /// Largest size of the stream in bytes, oldest messages discarded first (0: age only).
+    #[arg(long, env = "EFR_NATS_MAX_BYTES", default_value_t = DEFAULT_NATS_MAX_BYTES)]
+    pub nats_max_bytes: u64,
 }
 
 /// Why a configuration was refused.
@@ -361,6 +393,26 @@ pub struct NatsConfig {
     pub pull_messages: usize,
     /// Connection deadline at start.
     pub connect_timeout: Duration,
+    /// Edge: time between snapshots (None: never by time).
+    pub snapshot_interval: Option<Duration>,
+    /// Edge: events between snapshots (None: never by count).
+    pub snapshot_events: Option<u64>,
+    /// Edge: lifetime of the snapshot lock after its last refresh.
+    pub snapshot_lock_ttl: Duration,
+    /// How far an edge may lag behind the newest snapshot.
+    pub allowed_lag: Duration,
+    /// Stream size limit in bytes (None: age only).
+    pub max_bytes: Option<u64>,
+}
+
+impl NatsConfig {
+    /// How long the stream keeps a message: 3 snapshot intervals plus the allowed lag, so an
+    /// edge restarting from the newest snapshot finds every message after it (None: for ever,
+    /// when snapshots are not written by time).
+    pub fn retention(&self) -> Option<Duration> {
+        self.snapshot_interval
+            .map(|interval| interval * 3 + self.allowed_lag)
+    }
 }
 
 impl Default for Config {
@@ -532,6 +584,9 @@ impl Args {
                 "--nats-flush-us, --nats-publish-in-flight, --nats-pull-messages and --nats-connect-timeout-ms must be positive".into(),
             ));
         }
+        if self.snapshot_lock_ttl_s == 0 {
+            return Err(ConfigError("--snapshot-lock-ttl-s must be positive".into()));
+        }
         if self.nats_stream.is_empty()
             || !self
                 .nats_stream
@@ -585,6 +640,12 @@ impl Args {
                 publish_in_flight: self.nats_publish_in_flight,
                 pull_messages: self.nats_pull_messages,
                 connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
+                snapshot_interval: (self.snapshot_interval_s > 0)
+                    .then(|| Duration::from_secs(self.snapshot_interval_s)),
+                snapshot_events: (self.snapshot_events > 0).then_some(self.snapshot_events),
+                snapshot_lock_ttl: Duration::from_secs(self.snapshot_lock_ttl_s),
+                allowed_lag: Duration::from_secs(self.nats_allowed_lag_s),
+                max_bytes: (self.nats_max_bytes > 0).then_some(self.nats_max_bytes),
             },
             shutdown: shutdown.clone(),
             stop: StopRequest::new(shutdown),

@@ -301,6 +301,24 @@ impl Router {
         self.fanout.clear();
     }
 
+    /// Appends every follow edge of this shard, `(follower, followee)`, to `into`.
+    pub fn export_edges(&self, into: &mut Vec<(u64, u64)>) {
+        for (&follower, followees) in &self.following {
+            into.extend(followees.iter().map(|&followee| (follower, followee)));
+        }
+    }
+
+    /// Replaces the follow graph with the edges of `edges` whose follower this shard owns.
+    /// Registered clients stay registered; their fan-out follows the new graph.
+    pub fn import_edges(&mut self, edges: &[(u64, u64)]) {
+        self.reset_graph();
+        for &(follower, followee) in edges {
+            if self.owns(follower) {
+                self.follow(follower, followee);
+            }
+        }
+    }
+
     /// Applies an ordered batch: graph changes and notifications, in seq order.
     pub fn apply(&mut self, batch: &OrderedBatch) {
         for batched in batch.events() {
@@ -622,6 +640,45 @@ mod tests {
             }
         }
         assert_eq!(followers_of_1, 6);
+    }
+
+    #[test]
+    fn exported_edges_imported_elsewhere_route_the_same() {
+        let shards = 3;
+        let mut old: Vec<Router> = (0..shards)
+            .map(|s| Router::new(s, shards, 1 << 20))
+            .collect();
+        let graph = batch(&["1|F|1|2", "2|F|3|2", "3|F|4|2", "4|U|3|2", "5|F|2|4"]);
+        let mut edges = Vec::new();
+        for router in &mut old {
+            router.apply(&graph);
+            router.export_edges(&mut edges);
+        }
+        edges.sort_unstable();
+        assert_eq!(edges, vec![(1, 2), (2, 4), (4, 2)]);
+        let ownership = Ownership::new(shards);
+        let mut new: Vec<Router> = (0..shards)
+            .map(|s| Router::new(s, shards, 1 << 20))
+            .collect();
+        let clients: Vec<(u64, usize, ClientId)> = (1..=4)
+            .map(|user| {
+                let owner = ownership.owner(user);
+                (user, owner, new[owner].register(user))
+            })
+            .collect();
+        for router in &mut new {
+            router.import_edges(&edges);
+            router.apply(&batch(&["6|S|2", "7|S|4"]));
+        }
+        for (user, owner, client) in clients {
+            let want = match user {
+                1 => "6|S|2\n",
+                2 => "7|S|4\n",
+                4 => "6|S|2\n",
+                _ => "",
+            };
+            assert_eq!(output(&mut new[owner], client), want, "user {user}");
+        }
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub enum ShardCommand {
     EndSession,
     /// Stop: like `EndSession`, then end the shard once output is written (or the deadline).
     Shutdown,
+    /// Send this shard's follow edges, as of every batch before this command, to the sender
+    /// (for a snapshot).
+    ExportGraph(flume::Sender<Vec<(u64, u64)>>),
+    /// Replace the follow graph with the edges whose follower this shard owns (a snapshot).
+    ImportGraph(Arc<Vec<(u64, u64)>>),
 }
 
 /// Commands handled before the shard lets its writers run; bounds the wait of a writer.
@@ -131,6 +136,12 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: channel::Receiver<
                     close_all(&state, CloseMode::SessionEnd);
                     state.router.borrow_mut().reset_graph();
                 }
+                ShardCommand::ExportGraph(reply) => {
+                    let mut edges = Vec::new();
+                    state.router.borrow().export_edges(&mut edges);
+                    let _ = reply.send(edges);
+                }
+                ShardCommand::ImportGraph(edges) => state.router.borrow_mut().import_edges(&edges),
                 ShardCommand::Shutdown => {
                     close_all(&state, CloseMode::Shutdown);
                     after_commands(&state, &mut dirty, &mut over_backlog);

@@ -92,6 +92,16 @@ counters! {
     metrics_timeouts: "counter", "Metrics connections closed because no whole request arrived in time.";
     metrics_bad_requests: "counter", "Metrics requests for another path (404) or method (405), or unparseable (400).";
     open_file_limit: "gauge", "The soft open-file limit the server runs with.";
+    nats_last_applied_stream_seq: "gauge", "Edge: the last stream message applied (or loaded from a snapshot).";
+    nats_consumer_lag: "gauge", "Edge: stream messages after the last applied one, as the consumer last saw them.";
+    nats_catch_up_events: "counter", "Edge: events after the snapshot whose graph changes were applied at start, before the client port opened.";
+    snapshots_written: "counter", "Edge: follow-graph snapshots this edge wrote (as the snapshot lock's holder).";
+    snapshots_loaded: "counter", "Edge: follow-graph snapshots loaded (at start, or after falling behind the stream).";
+    snapshot_rebuilds: "counter", "Edge: rebuilds from a snapshot after the stream no longer held the next message.";
+    snapshot_failures: "counter", "Edge: snapshots that could not be written or loaded.";
+    snapshot_writer: "gauge", "Edge: 1 while this edge holds the snapshot writer's lock.";
+    snapshot_edges: "gauge", "Edge: follow edges in the last snapshot written or loaded.";
+    snapshot_age_ms: "gauge", "Edge: age of the newest snapshot this edge wrote or loaded, in milliseconds.";
 }
 
 impl Counters {

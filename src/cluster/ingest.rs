@@ -257,8 +257,10 @@ impl ChainPublisher {
                     tracing::info!("publisher stopped after message {}", self.last_number);
                     return Ok(());
                 }
-                ShardCommand::Register { .. } => {
-                    unreachable!("the ingest registers no client")
+                ShardCommand::Register { .. }
+                | ShardCommand::ExportGraph(_)
+                | ShardCommand::ImportGraph(_) => {
+                    unreachable!("the ingest registers no client and holds no graph")
                 }
             }
         }

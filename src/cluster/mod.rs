@@ -10,6 +10,8 @@
 
 pub mod edge;
 pub mod ingest;
+pub mod snapshot;
+pub mod store;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +26,8 @@ use wire::{Envelope, Kind};
 const STOP_CHECK: Duration = Duration::from_millis(50);
 /// Longest pause between two reconnection attempts to NATS.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// The server's default duplicate window (the stream's dedup of `Nats-Msg-Id`).
+const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long one JetStream request (publish acknowledgement, stream info) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -68,10 +72,19 @@ async fn connect(
         .max_ack_inflight(config.publish_in_flight)
         .backpressure_on_inflight(true)
         .build(client);
+    let max_age = config.retention().unwrap_or(Duration::ZERO);
     let stream_config = stream::Config {
         name: config.stream.clone(),
         subjects: vec![subject(config)],
         storage: stream::StorageType::File,
+        max_age,
+        max_bytes: config.max_bytes.map_or(-1, |bytes| bytes as i64),
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: if max_age.is_zero() {
+            DEFAULT_DUPLICATE_WINDOW
+        } else {
+            max_age.min(DEFAULT_DUPLICATE_WINDOW)
+        },
         ..Default::default()
     };
     loop {
