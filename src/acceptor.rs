@@ -23,8 +23,8 @@ use crate::listener;
 use crate::notify::{Latch, Notify};
 use crate::output_budget;
 use crate::router::Ownership;
-use crate::server::Shared;
 use crate::shard::ShardCommand;
+use crate::shared::Shared;
 use crate::stats::{excerpt, Counters, Fault};
 use crate::tls::{self, PeerStream};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
 /// Accepted connections queued towards executor 0 before the accept thread waits.

@@ -20,7 +20,7 @@ use glommio::net::TcpStream;
 
 use crate::listener;
 use crate::notify::Latch;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::stats::{excerpt, Counters, Fault};
 
 /// Longest request head read before answering; a scraper's is far shorter.

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::client::CloseMode;
-use crate::server::Shared;
 use crate::shard::ShardState;
+use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
 /// Adds this shard's change of output memory to the server-wide gauge.

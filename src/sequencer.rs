@@ -24,10 +24,11 @@ use crate::line::{Line, LineSplitter};
 use crate::listener;
 use crate::notify::{Latch, Notify};
 use crate::protocol::{parse_event, EventKind, LineError};
+use crate::reactor::reactor_pass;
 use crate::resequencer::{Admission, Resequencer};
 use crate::router::Ownership;
-use crate::server::Shared;
-use crate::shard::{reactor_pass, ShardCommand};
+use crate::shard::ShardCommand;
+use crate::shared::Shared;
 use crate::stats::{excerpt, Counters, Fault};
 use crate::tls::{self, PeerStream};
 

@@ -30,6 +30,7 @@ use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, ShardCommand};
+use crate::shared::Shared;
 use crate::stats::{Counters, FaultLog};
 use crate::stop::StopRequest;
 
@@ -44,19 +45,8 @@ use crate::stop::StopRequest;
 /// hour it never fires, and [`crate::doorbell`] explains why nothing else of efr's puts such a
 /// completion on the latency ring. efr does not rely on preemption: its long-running tasks
 /// (the sequencer and the shards) pass through the reactor explicitly while they have work
-/// queued ([`crate::shard::reactor_pass`]).
+/// queued ([`crate::reactor::reactor_pass`]).
 const PREEMPT_TIMER: Duration = Duration::from_secs(3600);
-
-/// What every executor shares: the configuration, the counters, the fault log.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration.
-    pub config: Config,
-    /// The counters.
-    pub counters: Counters,
-    /// Rate-limited fault logging.
-    pub faults: FaultLog,
-}
 
 /// A started server.
 pub struct RunningServer {
@@ -254,6 +244,10 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         stop: stop_read_end,
     });
     let mut executors = Vec::with_capacity(cores);
+    // Each executor reports once it runs; one whose io_uring could not be set up ends at once,
+    // dropping its reporter, so `start` returns only with every executor up, or with the
+    // reason one is not.
+    let (started, reports) = std::sync::mpsc::channel::<usize>();
     for (index, receiver) in receivers.into_iter().enumerate() {
         let placement = if pinned {
             Placement::Fixed(index)
@@ -267,8 +261,11 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             .name(&format!("efr-shard-{index}"))
             .io_memory(shared.config.io_memory)
             .preempt_timer(PREEMPT_TIMER);
+        let started = started.clone();
         let handle = builder
             .spawn(move || async move {
+                let _ = started.send(index);
+                drop(started);
                 // Everything runs as ordinary tasks of the default task queue; the executor's
                 // main future only waits for the shard (or, on an ingest, the front) to end.
                 glommio::spawn_local(async move {
@@ -293,6 +290,22 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             })?;
         executors.push(handle);
     }
+    drop(started);
+    let mut up = vec![false; executors.len()];
+    while let Ok(index) = reports.recv() {
+        up[index] = true;
+    }
+    if let Some(failed) = up.iter().position(|&up| !up) {
+        let error = match executors.swap_remove(failed).join() {
+            Err(error) => error.to_string(),
+            Ok(()) => "it ended at once".to_string(),
+        };
+        shared.config.stop.request();
+        return Err(std::io::Error::other(format!(
+            "cannot start executor {failed}: {error}{}",
+            executor_hint(&error)
+        )));
+    }
     Ok(RunningServer {
         event_addr,
         client_addr,
@@ -302,6 +315,21 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         accept_threads,
         cluster_threads,
     })
+}
+
+/// What to do about an executor that could not start: io_uring's registered memory counts
+/// against the locked-memory limit, which is the usual cause.
+fn executor_hint(error: &str) -> &'static str {
+    let lower = error.to_lowercase();
+    if ["memlock", "memory", "locked", "os error 12"]
+        .iter()
+        .any(|word| lower.contains(word))
+    {
+        " (io_uring needs locked memory for every executor: raise the locked-memory limit, \
+         e.g. `ulimit -l` or LimitMEMLOCK, or lower --io-memory-kib or --cores)"
+    } else {
+        ""
+    }
 }
 
 /// Starts and runs a server until it is stopped by SIGINT or SIGTERM.

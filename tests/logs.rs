@@ -108,3 +108,25 @@ fn a_port_in_use_is_named_in_the_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_locked_memory_limit_too_small_fails_at_start_with_a_hint_and_no_listening_line() {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 64 && exec {} --cores 2 --event-port 0 --client-port 0",
+            env!("CARGO_BIN_EXE_efr-sharded")
+        ))
+        .stdin(Stdio::null())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("sh runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot start executor"), "{stderr}");
+    assert!(stderr.contains("raise the locked-memory limit"), "{stderr}");
+    assert!(
+        !stderr.contains("listening"),
+        "listening logged before the executors were up: {stderr}"
+    );
+}

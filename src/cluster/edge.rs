@@ -32,8 +32,8 @@ use super::{connect, runtime, STOP_CHECK};
 use crate::batch::BatchPool;
 use crate::channel;
 use crate::protocol::EventKind;
-use crate::server::Shared;
 use crate::shard::ShardCommand;
+use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
 /// Longest wait of one pull request before the server answers it (empty); also bounds how

@@ -29,8 +29,8 @@ use bytes::Bytes;
 use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
 use super::{chain_end, connect, runtime, subject, STOP_CHECK};
 use crate::channel::ForeignReceiver;
-use crate::server::Shared;
 use crate::shard::ShardCommand;
+use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
 /// Pause after the first failed publish of a retried message; doubles up to
