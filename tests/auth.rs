@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use efr::auth::{ClientAuth, JwtVerifier};
@@ -40,14 +40,6 @@ fn hs256(sub: &str, exp: u64, secret: &[u8]) -> String {
 
 fn count(server: &RunningServer, pick: impl Fn(&Counters) -> &AtomicU64) -> u64 {
     pick(server.counters()).load(Ordering::Relaxed)
-}
-
-fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + TEST_DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// True when the server closed the connection without sending a byte.

@@ -20,15 +20,6 @@ fn count(
     pick(server.counters()).load(Ordering::Relaxed)
 }
 
-/// Waits until `condition` holds, or fails after the test deadline.
-fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + TEST_DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// True when the peer closed the connection (EOF or reset) within the deadline.
 fn is_closed_by_server(stream: &mut TcpStream) -> bool {
     stream.set_read_timeout(Some(TEST_DEADLINE)).unwrap();

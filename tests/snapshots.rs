@@ -12,11 +12,10 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::nats::*;
 use common::*;
 use efr::cluster::store::{object_name, SnapshotStore, KEEP_SNAPSHOTS};
 use efr::config::{Config, Role};
@@ -27,115 +26,6 @@ const BINARY: &str = env!("CARGO_BIN_EXE_efr-sharded");
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Events between snapshots in these drills.
 const SNAPSHOT_EVENTS: u64 = 10_000;
-
-fn nats_available() -> bool {
-    let found = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "nats-server is not installed (CI must run scripts/install-nats.sh)"
-        );
-        let _ = std::io::stderr().write_all(
-            b"SKIPPED: the snapshot drills need nats-server (run scripts/install-nats.sh)\n",
-        );
-    }
-    found
-}
-
-/// A nats-server with JetStream on a free port and a store of its own; killed on drop.
-struct NatsServer {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
-
-impl NatsServer {
-    fn start() -> NatsServer {
-        let dir = std::env::temp_dir().join(format!(
-            "efr-nats-snapshots-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("ports")).unwrap();
-        let mut server = NatsServer {
-            child: Self::spawn(&dir, None),
-            dir,
-            port: 0,
-        };
-        server.port = server.wait_for_port();
-        server
-    }
-
-    #[allow(clippy::zombie_processes)]
-    fn spawn(dir: &Path, port: Option<u16>) -> Child {
-        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("nats.log"))
-            .unwrap();
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(dir.join("store"))
-            .arg("--ports_file_dir")
-            .arg(dir.join("ports"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("nats-server starts")
-    }
-
-    fn wait_for_port(&self) -> u16 {
-        let ports_file = self
-            .dir
-            .join("ports")
-            .join(format!("nats-server_{}.ports", self.child.id()));
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file) {
-                if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
-                    let url = ports["nats"][0]
-                        .as_str()
-                        .or(ports["client"][0].as_str())
-                        .expect("a client url");
-                    return url.rsplit(':').next().unwrap().parse().unwrap();
-                }
-            }
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn restart(&mut self) {
-        self.child = Self::spawn(&self.dir, Some(self.port));
-        assert_eq!(self.wait_for_port(), self.port);
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn node(role: Role, nats: &NatsServer, cores: usize) -> Config {
     let mut config = Config::ephemeral(cores);

@@ -153,14 +153,6 @@ fn tls_server(paths: TlsPaths, handshake_timeout: Duration) -> RunningServer {
     })
 }
 
-fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + TEST_DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn harness_run_over_tls_on_both_ports_is_byte_for_byte() {
     let pki = Pki::new("run");

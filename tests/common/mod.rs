@@ -3,6 +3,8 @@
 //! loopback TCP against a server started through the library's `start` entry.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -159,6 +161,15 @@ pub fn is_well_formed(line: &str) -> bool {
         ("S", 3) => number(fields[2]),
         ("B", 2) => true,
         _ => false,
+    }
+}
+
+/// Waits until `condition` holds, looking every 5 ms, or fails after the test deadline.
+pub fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + TEST_DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
