@@ -72,8 +72,10 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_NATS_STREAM: &str = "EFR";
 /// Largest payload of one stream message (whole event lines) the ingest publishes.
 pub const DEFAULT_NATS_MESSAGE_BYTES: usize = 64 * 1024;
-/// The ingest publishes a partly filled message after this many microseconds.
-pub const DEFAULT_NATS_FLUSH_US: u64 = 1_000;
+/// The ingest publishes a partly filled message after this many microseconds. Measured at
+/// 20,000 events/s through 1 ingest + 3 edges (bench-results/cluster.md): 1 ms gave a p50 of
+/// 2.6-2.7 ms, 200 us 1.7-1.8 ms; under load the size limit fills messages long before.
+pub const DEFAULT_NATS_FLUSH_US: u64 = 200;
 /// Messages the ingest publishes before it waits for the oldest acknowledgement.
 pub const DEFAULT_NATS_PUBLISH_IN_FLIGHT: usize = 256;
 /// Messages an edge asks for in one pull (a pull is also bounded in bytes by this times
