@@ -191,50 +191,27 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     }
     let (stop_bell, stop_read_end) = doorbell()?;
     shared.config.stop.ring_on_request(stop_bell);
-    let stop_flag = shared.config.shutdown.clone();
+    // One accept thread per bound listener, handing connections to executor 0.
     let mut accept_threads = Vec::new();
-    let events = match event_listener {
-        Some(listener) => {
-            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
-            accept_threads.push(AcceptThread::spawn(
-                "efr-accept-events",
-                listener,
-                sender,
-                stop_flag.clone(),
-                shared.clone(),
-            )?);
-            Some(receiver)
-        }
-        None => None,
+    let mut accept = |name: &str,
+                      listener: Option<std::net::TcpListener>|
+     -> std::io::Result<Option<channel::Receiver<OwnedFd>>> {
+        let Some(listener) = listener else {
+            return Ok(None);
+        };
+        let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
+        accept_threads.push(AcceptThread::spawn(
+            name,
+            listener,
+            sender,
+            shared.config.shutdown.clone(),
+            shared.clone(),
+        )?);
+        Ok(Some(receiver))
     };
-    let clients = match client_listener {
-        Some(listener) => {
-            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
-            accept_threads.push(AcceptThread::spawn(
-                "efr-accept-clients",
-                listener,
-                sender,
-                stop_flag.clone(),
-                shared.clone(),
-            )?);
-            Some(receiver)
-        }
-        None => None,
-    };
-    let metrics_receiver = match metrics_listener {
-        Some(listener) => {
-            let (sender, receiver) = channel::bounded(ACCEPT_QUEUE_DEPTH)?;
-            accept_threads.push(AcceptThread::spawn(
-                "efr-accept-metrics",
-                listener,
-                sender,
-                stop_flag,
-                shared.clone(),
-            )?);
-            Some(receiver)
-        }
-        None => None,
-    };
+    let events = accept("efr-accept-events", event_listener)?;
+    let clients = accept("efr-accept-clients", client_listener)?;
+    let metrics_receiver = accept("efr-accept-metrics", metrics_listener)?;
     let mut listeners = Some(Listeners {
         events,
         clients,

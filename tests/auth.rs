@@ -7,14 +7,12 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use efr::auth::{ClientAuth, JwtVerifier};
 use efr::config::Config;
 use efr::server::RunningServer;
-use efr::stats::Counters;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 const SECRET: &[u8] = b"a test secret of thirty-two bytes or more, for HS256";
@@ -36,10 +34,6 @@ fn token(sub: &str, exp: u64, key: &EncodingKey, algorithm: Algorithm) -> String
 fn hs256(sub: &str, exp: u64, secret: &[u8]) -> String {
     let key = EncodingKey::from_secret(secret).unwrap();
     token(sub, exp, &key, Algorithm::HS256)
-}
-
-fn count(server: &RunningServer, pick: impl Fn(&Counters) -> &AtomicU64) -> u64 {
-    pick(server.counters()).load(Ordering::Relaxed)
 }
 
 /// True when the server closed the connection without sending a byte.

@@ -7,18 +7,10 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
 use efr::config::Config;
-
-fn count(
-    server: &efr::server::RunningServer,
-    pick: impl Fn(&efr::stats::Counters) -> &std::sync::atomic::AtomicU64,
-) -> u64 {
-    pick(server.counters()).load(Ordering::Relaxed)
-}
 
 /// True when the peer closed the connection (EOF or reset) within the deadline.
 fn is_closed_by_server(stream: &mut TcpStream) -> bool {

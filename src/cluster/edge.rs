@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use super::snapshot::GraphSnapshot;
 use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
-use super::{connect, runtime, STOP_CHECK};
+use super::{connect, runtime_or_report, STOP_CHECK};
 use crate::batch::BatchPool;
 use crate::channel;
 use crate::protocol::EventKind;
@@ -90,14 +90,7 @@ fn run(
     shards: Vec<channel::Sender<ShardCommand>>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            let error = format!("cannot start the NATS runtime: {error}");
-            let _ = ready.send(Err(error.clone()));
-            return Err(error);
-        }
-    };
+    let runtime = runtime_or_report(&ready)?;
     runtime.block_on(async move {
         let config = &shared.config;
         let opened = async {

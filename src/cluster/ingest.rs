@@ -27,7 +27,7 @@ use async_nats::jetstream::{self, publish::PublishAck};
 use bytes::Bytes;
 
 use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
-use super::{chain_end, connect, runtime, subject, STOP_CHECK};
+use super::{chain_end, connect, runtime_or_report, subject, STOP_CHECK};
 use crate::channel::ForeignReceiver;
 use crate::shard::ShardCommand;
 use crate::shared::Shared;
@@ -91,14 +91,7 @@ fn run(
     commands: ForeignReceiver<ShardCommand>,
     ready: Ready,
 ) -> Result<(), String> {
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            let error = format!("cannot start the NATS runtime: {error}");
-            let _ = ready.send(Err(error.clone()));
-            return Err(error);
-        }
-    };
+    let runtime = runtime_or_report(&ready)?;
     runtime.block_on(async move {
         let config = &shared.config;
         let opened = async {

@@ -43,6 +43,18 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The NATS thread's runtime; a failure to build it is also sent on `ready`, which the
+/// starting thread waits on.
+fn runtime_or_report<T>(
+    ready: &std::sync::mpsc::Sender<Result<T, String>>,
+) -> Result<tokio::runtime::Runtime, String> {
+    runtime().map_err(|error| {
+        let error = format!("cannot start the NATS runtime: {error}");
+        let _ = ready.send(Err(error.clone()));
+        error
+    })
+}
+
 /// Connects to NATS and makes sure the stream exists, giving up after the connect timeout or
 /// at a stop.
 async fn connect(

@@ -164,6 +164,14 @@ pub fn is_well_formed(line: &str) -> bool {
     }
 }
 
+/// The value of one of the server's counters, e.g. `count(&server, |c| &c.sessions)`.
+pub fn count(
+    server: &RunningServer,
+    pick: impl Fn(&efr::stats::Counters) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    pick(server.counters()).load(Ordering::Relaxed)
+}
+
 /// Waits until `condition` holds, looking every 5 ms, or fails after the test deadline.
 pub fn eventually(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + TEST_DEADLINE;
