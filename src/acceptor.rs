@@ -1,5 +1,6 @@
 //! Accepting user clients: the pool of connections waiting for their id line
-//! (`--max-handshakes`, the oldest closed to make room), the id-line handshake with its
+//! (`--max-handshakes`: the oldest silent one past `--handshake-evict-grace-ms` is closed to
+//! make room), the id-line handshake with its
 //! deadline, the limit of identified clients (`--max-clients`), and the hand-off of each
 //! identified connection to the shard that owns its user.
 //!
@@ -9,10 +10,10 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
@@ -58,13 +59,71 @@ const ID_READ_CHUNK: usize = 64;
 /// to the system once none is pending.
 const HANDSHAKE_BURST_TRIM: usize = 256;
 
-/// The connections waiting for their id line, oldest first, each with the signal that closes
-/// it to make room (`--max-handshakes`).
+/// A connection waiting for its id line.
+struct PendingHandshake {
+    /// Closes it to make room.
+    evict: Notify,
+    /// Its socket, looked at (never read) before it is closed to make room.
+    fd: RawFd,
+    /// When the acceptor took it.
+    since: Instant,
+}
+
+/// The connections waiting for their id line, oldest first (`--max-handshakes`).
 #[derive(Default)]
 struct PendingHandshakes {
     next: u64,
-    waiting: BTreeMap<u64, Rc<Notify>>,
+    waiting: BTreeMap<u64, Rc<PendingHandshake>>,
     peak: usize,
+}
+
+/// Why a full pool closed nobody.
+enum NoneToEvict {
+    /// The oldest silent connection is this much younger than the grace.
+    TooYoung(Duration),
+    /// Every connection past the grace has bytes waiting: its handshake is about to end.
+    AllBusy,
+}
+
+impl PendingHandshakes {
+    /// Closes the oldest connection that has waited at least `grace` and has no unread byte
+    /// (a client whose id line waits unread, because the handshakes of a burst had not run
+    /// yet or the machine is slow, is never the one closed).
+    fn evict_oldest_silent(&mut self, grace: Duration) -> Result<(), NoneToEvict> {
+        let now = Instant::now();
+        let mut victim = None;
+        for (&id, waiting) in &self.waiting {
+            let age = now.saturating_duration_since(waiting.since);
+            if age < grace {
+                return Err(NoneToEvict::TooYoung(grace - age));
+            }
+            if !has_unread_bytes(waiting.fd) {
+                victim = Some(id);
+                break;
+            }
+        }
+        let waiting = victim
+            .and_then(|id| self.waiting.remove(&id))
+            .ok_or(NoneToEvict::AllBusy)?;
+        waiting.evict.notify();
+        Ok(())
+    }
+}
+
+/// True when the socket has bytes (or an end of file) waiting to be read; nothing is consumed.
+fn has_unread_bytes(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local; the descriptor stays open while its handshake is
+    // in the pool.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0
 }
 
 /// Accepts clients until the stop signal.
@@ -72,6 +131,8 @@ pub async fn run(accepted: channel::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
     let ownership = Rc::new(Ownership::new(acceptor.shards.len()));
     let mut accepted = accepted.attach();
     let pending = Rc::new(RefCell::new(PendingHandshakes::default()));
+    // Notified whenever a handshake ends, so the acceptor of a full pool can go on.
+    let slot_freed = Rc::new(Notify::default());
     loop {
         let Some(stream) = listener::next_connection(&mut accepted, &acceptor.stop).await else {
             break;
@@ -79,41 +140,51 @@ pub async fn run(accepted: channel::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
         let shared = &acceptor.shared;
         let counters = &shared.counters;
         Counters::add(&counters.clients_accepted, 1);
-        let (id, evict) = {
+        let max = shared.config.max_handshakes;
+        let mut evicted = 0;
+        while pending.borrow().waiting.len() >= max {
+            let outcome = pending
+                .borrow_mut()
+                .evict_oldest_silent(shared.config.handshake_evict_grace);
+            match outcome {
+                Ok(()) => evicted += 1,
+                Err(NoneToEvict::TooYoung(wait)) => {
+                    futures_lite::future::or(slot_freed.wait(), glommio::timer::sleep(wait)).await;
+                }
+                Err(NoneToEvict::AllBusy) => slot_freed.wait().await,
+            }
+        }
+        if evicted > 0 {
+            Counters::add(&counters.handshakes_evicted, evicted);
+            shared.faults.warn(Fault::HandshakeEvicted, || {
+                format!(
+                    "closing the oldest connection without an id line: --max-handshakes \
+                     ({max}) are waiting"
+                )
+            });
+        }
+        let (id, entry) = {
             let mut pending = pending.borrow_mut();
-            let max = shared.config.max_handshakes;
-            let mut evicted = 0;
-            while pending.waiting.len() >= max {
-                let Some((_, oldest)) = pending.waiting.pop_first() else {
-                    break;
-                };
-                oldest.notify();
-                evicted += 1;
-            }
-            if evicted > 0 {
-                Counters::add(&counters.handshakes_evicted, evicted);
-                shared.faults.warn(Fault::HandshakeEvicted, || {
-                    format!(
-                        "closing the oldest connection without an id line: --max-handshakes \
-                         ({max}) are waiting"
-                    )
-                });
-            }
             let id = pending.next;
             pending.next += 1;
-            let evict = Rc::new(Notify::default());
-            pending.waiting.insert(id, evict.clone());
+            let entry = Rc::new(PendingHandshake {
+                evict: Notify::default(),
+                fd: stream.as_raw_fd(),
+                since: Instant::now(),
+            });
+            pending.waiting.insert(id, entry.clone());
             pending.peak = pending.peak.max(pending.waiting.len());
-            (id, evict)
+            (id, entry)
         };
         Counters::add(&counters.handshakes_open, 1);
         let acceptor = acceptor.clone();
         let ownership = ownership.clone();
         let pending = pending.clone();
+        let slot_freed = slot_freed.clone();
         glommio::spawn_local(async move {
             let handshake = handshake(stream, &acceptor.shared);
             let outcome = futures_lite::future::or(handshake, async {
-                evict.wait().await;
+                entry.evict.wait().await;
                 None
             })
             .await;
@@ -121,6 +192,7 @@ pub async fn run(accepted: channel::Receiver<OwnedFd>, acceptor: Rc<Acceptor>) {
             {
                 let mut pending = pending.borrow_mut();
                 pending.waiting.remove(&id);
+                slot_freed.notify();
                 if pending.waiting.is_empty() && pending.peak >= HANDSHAKE_BURST_TRIM {
                     pending.peak = 0;
                     output_budget::release_freed_memory();

@@ -38,6 +38,10 @@ pub const DEFAULT_MAX_CLIENTS: usize = 16_384;
 /// pending handshake is closed to make room, so idle connections can never keep an identifying
 /// client out.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 4_096;
+/// A full handshake pool closes only a connection that has waited at least this long and has
+/// no unread byte in its socket: a burst of clients that send their id right after connecting
+/// is never closed to make room for itself, while idle connections still go.
+pub const DEFAULT_HANDSHAKE_EVICT_GRACE_MS: u64 = 250;
 /// Upper bound of the default `--max-output-memory` (the default is a quarter of the physical
 /// memory, at most this).
 pub const MAX_DEFAULT_OUTPUT_MEMORY: u64 = 4 << 30;
@@ -171,9 +175,13 @@ pub struct Args {
     /// Most identified clients at once; further ones are closed at once.
     #[arg(long, env = "EFR_MAX_CLIENTS", default_value_t = DEFAULT_MAX_CLIENTS)]
     pub max_clients: usize,
-    /// Most connections waiting for their id line; when full, the oldest is closed.
+    /// Most connections waiting for their id line; when full, the oldest silent one is closed.
     #[arg(long, env = "EFR_MAX_HANDSHAKES", default_value_t = DEFAULT_MAX_HANDSHAKES)]
     pub max_handshakes: usize,
+    /// Milliseconds a connection without an id line is safe from being closed to make room in a
+    /// full handshake pool (and it is never closed while bytes wait unread in its socket).
+    #[arg(long, env = "EFR_HANDSHAKE_EVICT_GRACE_MS", default_value_t = DEFAULT_HANDSHAKE_EVICT_GRACE_MS)]
+    pub handshake_evict_grace_ms: u64,
     /// Pending output of all clients together (bytes, or with a KiB/MiB/GiB suffix); over it
     /// the clients with the largest backlog are closed. Default: a quarter of the physical
     /// memory, at most 4 GiB.
@@ -332,8 +340,10 @@ pub struct Config {
     pub max_client_backlog: usize,
     /// Identified client limit.
     pub max_clients: usize,
-    /// Pending handshake limit (the oldest is closed to make room).
+    /// Pending handshake limit (the oldest silent one is closed to make room).
     pub max_handshakes: usize,
+    /// Youngest pending handshake that may be closed to make room.
+    pub handshake_evict_grace: Duration,
     /// Server-wide pending output budget, bytes.
     pub max_output_memory: u64,
     /// Write deadline: no byte accepted for this long closes the client (`None`: off).
@@ -615,6 +625,7 @@ impl Args {
             max_client_backlog: self.max_client_backlog,
             max_clients: self.max_clients,
             max_handshakes: self.max_handshakes,
+            handshake_evict_grace: Duration::from_millis(self.handshake_evict_grace_ms),
             max_output_memory: self.max_output_memory.unwrap_or_else(default_output_memory),
             write_timeout: (self.write_timeout_ms > 0)
                 .then(|| Duration::from_millis(self.write_timeout_ms)),

@@ -130,6 +130,8 @@ fn idle_connections_beyond_the_handshake_pool_never_keep_a_client_out() {
     let config = Config {
         max_clients: 50,
         max_handshakes: 100,
+        // Each idle connection is closed once it is this old: 2,000 of them go in seconds.
+        handshake_evict_grace: Duration::from_millis(20),
         ..two_shards()
     };
     let server = start_server(config);
@@ -155,6 +157,53 @@ fn idle_connections_beyond_the_handshake_pool_never_keep_a_client_out() {
     assert_eq!(counter(&server, |c| &c.clients_refused_max), 0);
     assert!(counter(&server, |c| &c.handshakes_open) <= 100);
     drop(idle);
+    server.stop_and_wait().unwrap();
+}
+
+#[test]
+fn a_burst_of_clients_that_send_their_id_at_once_is_never_evicted() {
+    // The pool is far smaller than the burst: connections pile up in the accept hand-off
+    // faster than their handshakes first run. Only a connection that was read and had no id
+    // line may be closed to make room, never one whose id is waiting unread in its socket.
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 250;
+    let config = Config {
+        max_handshakes: 4,
+        ..two_shards()
+    };
+    let server = start_server(config);
+    let bursts: Vec<std::thread::JoinHandle<Vec<TcpStream>>> = (0..THREADS)
+        .map(|t| {
+            let addr = server.client_addr;
+            std::thread::spawn(move || {
+                (0..PER_THREAD)
+                    .map(|i| {
+                        let mut stream = TcpStream::connect(addr).expect("client connects");
+                        let user = 10_000 + (t * PER_THREAD + i) as u64;
+                        stream.write_all(format!("{user}\n").as_bytes()).unwrap();
+                        stream
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let clients: Vec<TcpStream> = bursts.into_iter().flat_map(|b| b.join().unwrap()).collect();
+    let total = clients.len() as u64;
+    wait_until_or(
+        "every client of the burst is registered or evicted",
+        || {
+            counter(&server, |c| &c.clients_registered)
+                + counter(&server, |c| &c.handshakes_evicted)
+                == total
+        },
+        || server.counters().summary(),
+    );
+    assert_eq!(
+        counter(&server, |c| &c.handshakes_evicted),
+        0,
+        "clients that had sent their id were closed to make room"
+    );
+    drop(clients);
     server.stop_and_wait().unwrap();
 }
 
