@@ -11,6 +11,9 @@
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
 //! `--timeout` ms while expecting lines.
 //!
+//! `ping` runs apart, as a round-trip loop on one thread ([`ping_loop`]), with its floor
+//! `efr-load relay` ([`relay`]).
+//!
 //! Also here: `compare` (runs against several servers, [`compare`], [`rows`], [`chart`],
 //! [`workload_spec`]) and its ceiling ([`ceiling`]). This crate is independent of the
 //! server's code.
