@@ -1,6 +1,6 @@
 //! `efr-load ping`, the round-trip loop: against efr-sharded (library, real loopback TCP) it
-//! passes with exact counts on both sides, LF and CRLF, 1 and 8 executors, and `--rate`
-//! spaces the round trips; against the relay (`efr-load relay`, the floor) it passes; against
+//! passes with exact counts on both sides, LF and CRLF, 1 and 8 executors, with `--spin` and
+//! with `--chaos`, and `--rate` spaces the round trips; against the relay (`efr-load relay`, the floor) it passes; against
 //! wrong servers it fails naming the client and the line: a changed line, a dropped one, a
 //! duplicate, an early close, an extra line after the last.
 
@@ -105,6 +105,33 @@ fn spinning_reads_pass_and_still_time_out() {
         report.errors,
         ["client 2 silent for 300 ms while expecting 2|P|1|2"]
     );
+}
+
+#[test]
+fn chaos_lines_and_clients_around_the_pings_change_nothing_verified() {
+    let server = start_efr(2);
+    let report = ping_efr(
+        &server,
+        &[
+            "--chaos",
+            "--chaos-clients",
+            "5",
+            "--chaos-malformed-every",
+            "5",
+            "ping",
+            "--count",
+            "300",
+        ],
+    );
+    assert_exact_pass(&report, 300);
+    let f = report.faults_injected.clone().expect("chaos counts");
+    let lines = f.empty_lines + f.bad_seq_lines + f.too_long_lines + f.duplicates;
+    assert!(lines > 10, "{}", report.summary());
+    assert_eq!(
+        server.counters().events_delivered.load(Ordering::Relaxed),
+        300
+    );
+    server.stop_and_wait().unwrap();
 }
 
 #[test]
