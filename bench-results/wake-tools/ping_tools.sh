@@ -17,8 +17,7 @@ wait_port() { for i in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 # one TOOL_NAME BIN EVENT_PORT CLIENT_PORT [METRICS] [PING FLAGS...]: prints "p50 p99" in us
 one() {
   local name=$1 bin=$2 ep=$3 cp=$4 metrics=$5; shift 5
-  # The relay exposes no metrics: a generous fixed settle for its client's registration.
-  local m=(--settle-ms 1000); [ -n "$metrics" ] && m=(--metrics-url "127.0.0.1:$metrics")
+  local m=(--metrics-url "127.0.0.1:$metrics")
   "$bin" --event-port "$ep" --client-port "$cp" "${m[@]}" --progress off --json "$out/r.json" \
     ping --count "$count" "$@" >"$out/r.txt" || { echo "$name FAIL"; cat "$out/r.txt"; return; }
   python3 -c "import json;l=json.load(open('$out/r.json'))['latency'];print('%s p50 %.0f p99 %.0f p99.9 %.0f' % ('$name', l['p50_us'], l['p99_us'], l['p999_us']))"
@@ -27,14 +26,13 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for target in $cores_list floor; do
   port=$((port+3))
   if [ "$target" = floor ]; then
-    "$new" relay --listen-event-port $port --listen-client-port $((port+1)) >/dev/null &
-    metrics=""
+    "$new" relay --listen-event-port $port --listen-client-port $((port+1)) \
+      --listen-metrics-port $((port+2)) >/dev/null &
   else
     "$server" --cores "$target" --event-port $port --client-port $((port+1)) \
       --metrics-addr 127.0.0.1:$((port+2)) 2>"$out/server.log" &
-    metrics=$((port+2))
   fi
-  pid=$!
+  pid=$!; metrics=$((port+2))
   wait_port $((port+1)) || { echo "$target: server did not start"; kill $pid; continue; }
   echo "== ${target/#[0-9]*/--cores $target}"
   for r in $(seq "$runs"); do

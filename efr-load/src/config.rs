@@ -668,4 +668,8 @@ pub struct RelayArgs {
     /// Client port to listen on (0: any free port, printed on stdout).
     #[arg(long, env = "EFR_LOAD_RELAY_CLIENT_PORT", default_value_t = DEFAULT_CLIENT_PORT)]
     pub listen_client_port: u16,
+    /// Serve `efr_clients_registered` (Prometheus text) on this port, for `--metrics-url`
+    /// (0: any free port, printed on stdout). Default: no metrics.
+    #[arg(long, env = "EFR_LOAD_RELAY_METRICS_PORT")]
+    pub listen_metrics_port: Option<u16>,
 }

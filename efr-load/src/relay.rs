@@ -8,11 +8,13 @@
 //! already in order and all go to its single client; it is no Follower Maze server.
 //!
 //! When the source closes, the relay closes every client (as a server does at the end of a
-//! session) and waits for the next source. Plain TCP only.
+//! session) and waits for the next source. Plain TCP only. With a metrics port it answers any
+//! HTTP request with `efr_clients_registered N` (Prometheus text), so that `--metrics-url`
+//! waits for its client's registration instead of a fixed `--settle-ms`.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,6 +26,11 @@ pub const RELAY_MAX_ID_LINE: usize = 4_096;
 /// The relay's read buffer for the source, bytes.
 pub const RELAY_READ_BUFFER: usize = 64 * 1024;
 
+/// Longest wait for a metrics request, and for writing the answer.
+pub const RELAY_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The metric the relay's metrics endpoint serves: clients registered since it started.
+pub const RELAY_REGISTERED_METRIC: &str = "efr_clients_registered";
+
 /// The connected clients (id line read). Locked once per source read, never contended in a
 /// ping: the client connects before the source.
 type Clients = Arc<Mutex<Vec<TcpStream>>>;
@@ -34,27 +41,48 @@ pub struct Relay {
     pub event_addr: SocketAddr,
     /// Where clients connect.
     pub client_addr: SocketAddr,
+    /// The metrics endpoint, if one was asked for.
+    pub metrics_addr: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     clients: Clients,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
-    /// Binds both ports (port 0: any free one) and starts the two threads.
-    pub fn start(event: SocketAddr, client: SocketAddr) -> io::Result<Relay> {
+    /// Binds the ports (port 0: any free one) and starts a thread for each.
+    pub fn start(
+        event: SocketAddr,
+        client: SocketAddr,
+        metrics: Option<SocketAddr>,
+    ) -> io::Result<Relay> {
         let event_listener = TcpListener::bind(event)?;
         let client_listener = TcpListener::bind(client)?;
+        let metrics_listener = metrics.map(TcpListener::bind).transpose()?;
         let event_addr = event_listener.local_addr()?;
         let client_addr = client_listener.local_addr()?;
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::new(Mutex::new(Vec::new()));
-        let accept_clients = {
-            let (stop, clients) = (stop.clone(), clients.clone());
+        let registered = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        threads.push({
+            let (stop, clients, registered) = (stop.clone(), clients.clone(), registered.clone());
             std::thread::Builder::new()
                 .name("efr-load-relay-clients".into())
-                .spawn(move || accept_clients(client_listener, clients, stop))?
-        };
-        let copy_sources = {
+                .spawn(move || accept_clients(client_listener, clients, registered, stop))?
+        });
+        if let Some(listener) = metrics_listener {
+            let (stop, registered) = (stop.clone(), registered.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("efr-load-relay-metrics".into())
+                    .spawn(move || serve_metrics(listener, registered, stop))?,
+            );
+        }
+        threads.push({
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("efr-load-relay-source".into())
@@ -62,13 +90,14 @@ impl Relay {
                     let clients = clients.clone();
                     move || serve_sources(event_listener, clients, stop)
                 })?
-        };
+        });
         Ok(Relay {
             event_addr,
             client_addr,
+            metrics_addr,
             stop,
             clients,
-            threads: vec![accept_clients, copy_sources],
+            threads,
         })
     }
 
@@ -81,9 +110,12 @@ impl Relay {
     /// end first).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake both blocking accepts.
+        // Wake the blocking accepts.
         let _ = TcpStream::connect(self.event_addr);
         let _ = TcpStream::connect(self.client_addr);
+        if let Some(m) = self.metrics_addr {
+            let _ = TcpStream::connect(m);
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -116,15 +148,52 @@ fn register(mut stream: TcpStream, clients: &Clients) -> io::Result<()> {
     Ok(())
 }
 
-fn accept_clients(listener: TcpListener, clients: Clients, stop: Arc<AtomicBool>) {
+fn accept_clients(
+    listener: TcpListener,
+    clients: Clients,
+    registered: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
     for stream in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             return;
         }
+        // One at a time: an idle connection delays the next by at most RELAY_ID_TIMEOUT.
         if let Ok(s) = stream {
-            // One at a time: an idle connection delays the next by at most RELAY_ID_TIMEOUT.
-            let _ = register(s, &clients);
+            if register(s, &clients).is_ok() {
+                registered.fetch_add(1, Ordering::Release);
+            }
         }
+    }
+}
+
+/// Answers every connection with the registered-clients counter, whatever it asked.
+fn serve_metrics(listener: TcpListener, registered: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_read_timeout(Some(RELAY_METRICS_TIMEOUT));
+        let _ = s.set_write_timeout(Some(RELAY_METRICS_TIMEOUT));
+        // The request's head, up to its blank line (its content does not matter).
+        let mut head = [0u8; 1024];
+        let mut got = 0;
+        while got < head.len() && !head[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut head[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let body = format!(
+            "# TYPE {RELAY_REGISTERED_METRIC} counter\n{RELAY_REGISTERED_METRIC} {}\n",
+            registered.load(Ordering::Acquire)
+        );
+        let _ = write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
     }
 }
 
@@ -171,10 +240,18 @@ fn copy_source(source: &mut TcpStream, clients: &Clients, buf: &mut [u8]) {
 /// cannot be bound.
 pub fn main(args: &super::config::RelayArgs) -> i32 {
     let addr = |port| SocketAddr::new(args.listen_host, port);
-    match Relay::start(addr(args.listen_event_port), addr(args.listen_client_port)) {
+    let started = Relay::start(
+        addr(args.listen_event_port),
+        addr(args.listen_client_port),
+        args.listen_metrics_port.map(addr),
+    );
+    match started {
         Ok(relay) => {
+            let metrics = relay
+                .metrics_addr
+                .map_or(String::new(), |m| format!(", metrics port {}", m.port()));
             println!(
-                "efr-load relay: event port {}, client port {}",
+                "efr-load relay: event port {}, client port {}{metrics}",
                 relay.event_addr.port(),
                 relay.client_addr.port()
             );
@@ -199,7 +276,11 @@ mod tests {
     #[test]
     fn copies_source_bytes_to_the_client_without_cr_and_closes_it_at_the_end() {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let relay = Relay::start(any, any).unwrap();
+        let relay = Relay::start(any, any, Some(any)).unwrap();
+        let metrics =
+            crate::registration::MetricsEndpoint::parse(&relay.metrics_addr.unwrap().to_string())
+                .unwrap();
+        assert_eq!(metrics.read(RELAY_REGISTERED_METRIC).unwrap(), 0);
         let mut client = TcpStream::connect(relay.client_addr).unwrap();
         client.write_all(b"2\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -210,6 +291,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(metrics.read(RELAY_REGISTERED_METRIC).unwrap(), 1);
         let mut source = TcpStream::connect(relay.event_addr).unwrap();
         source.write_all(b"1|P|1|2\r\n2|B").unwrap();
         source.write_all(b"\r\n").unwrap();

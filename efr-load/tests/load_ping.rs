@@ -137,44 +137,74 @@ fn chaos_lines_and_clients_around_the_pings_change_nothing_verified() {
 #[test]
 fn ping_passes_against_the_relay() {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let relay = Relay::start(any, any).unwrap();
+    let relay = Relay::start(any, any, Some(any)).unwrap();
+    let metrics = relay.metrics_addr.unwrap().to_string();
     let config = ping_config(
         relay.event_addr.port(),
         relay.client_addr.port(),
-        &["--line-ending", "crlf", "ping", "--count", "300"],
+        &[
+            "--metrics-url",
+            &metrics,
+            "--line-ending",
+            "crlf",
+            "ping",
+            "--count",
+            "300",
+        ],
     );
     let report = efr_load::run(&config).unwrap();
     assert_exact_pass(&report, 300);
+    assert!(report
+        .registration
+        .starts_with("efr_clients_registered registered 1"));
     relay.stop();
+}
+
+/// A child process killed (and reaped) when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
 fn the_relay_command_prints_its_ports_and_serves_ping() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_efr-load"))
+    let child = Command::new(env!("CARGO_BIN_EXE_efr-load"))
         .args([
             "relay",
             "--listen-event-port",
             "0",
             "--listen-client-port",
             "0",
+            "--listen-metrics-port",
+            "0",
         ])
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    // "efr-load relay: event port E, client port C"
+    // "efr-load relay: event port E, client port C, metrics port M"
     let ports: Vec<u16> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
         .collect();
-    assert_eq!(ports.len(), 2, "{line}");
-    let report = efr_load::run(&ping_config(ports[0], ports[1], &["ping", "--count", "50"]));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_eq!(ports.len(), 3, "{line}");
+    let metrics = format!("127.0.0.1:{}", ports[2]);
+    let report = efr_load::run(&ping_config(
+        ports[0],
+        ports[1],
+        &["--metrics-url", &metrics, "ping", "--count", "50"],
+    ));
+    drop(child);
     assert_exact_pass(&report.unwrap(), 50);
 }
 
