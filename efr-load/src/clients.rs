@@ -119,7 +119,7 @@ struct Reader {
 }
 
 /// Shows a received line in a message: lossy UTF-8, escaped, shortened.
-fn show(line: &[u8]) -> String {
+pub(crate) fn show(line: &[u8]) -> String {
     let cut = &line[..line.len().min(SHOWN_LINE_BYTES)];
     let mut s: String = String::from_utf8_lossy(cut).escape_debug().collect();
     if line.len() > SHOWN_LINE_BYTES {

@@ -264,6 +264,10 @@ pub enum Command {
     /// The ceiling that `compare` starts: a null server that writes each client's expected
     /// stream, paced by the source's bytes, without parsing, ordering or routing.
     NullServer(NullServerArgs),
+    /// The floor under `ping`: a relay that copies the event source's bytes to every client
+    /// (no parsing, ordering or routing), so `efr-load ping` against it measures what loopback
+    /// TCP and two thread wake-ups cost a round trip.
+    Relay(RelayArgs),
 }
 
 /// The workloads.
@@ -290,6 +294,11 @@ pub struct PingArgs {
     /// Round trips (events), each sent after the previous one arrived.
     #[arg(long, env = "EFR_LOAD_PING_COUNT", default_value_t = PING_COUNT)]
     pub count: u64,
+    /// Wait for each notification by polling the client socket in a loop instead of sleeping
+    /// in a blocking read: the tool's own wake-up leaves the round trip, at the price of one
+    /// busy CPU during the run.
+    #[arg(long, env = "EFR_LOAD_PING_SPIN")]
+    pub spin: bool,
 }
 
 /// `harness` parameters; each also read from the original harness's environment variable.
@@ -637,4 +646,30 @@ pub struct NullServerArgs {
     /// Written with the ceiling's statistics (JSON) after each run.
     #[arg(long)]
     pub stats_file: Option<std::path::PathBuf>,
+}
+
+/// Default address the relay listens on.
+pub const RELAY_LISTEN_HOST: &str = "127.0.0.1";
+
+/// `efr-load relay` flags.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "efr-load relay",
+    about = "The floor under ping: copies the event source's bytes to every connected client, \
+             without parsing, ordering or routing. Runs until stopped."
+)]
+pub struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EFR_LOAD_RELAY_HOST", default_value = RELAY_LISTEN_HOST)]
+    pub listen_host: std::net::IpAddr,
+    /// Event port to listen on (0: any free port, printed on stdout).
+    #[arg(long, env = "EFR_LOAD_RELAY_EVENT_PORT", default_value_t = DEFAULT_EVENT_PORT)]
+    pub listen_event_port: u16,
+    /// Client port to listen on (0: any free port, printed on stdout).
+    #[arg(long, env = "EFR_LOAD_RELAY_CLIENT_PORT", default_value_t = DEFAULT_CLIENT_PORT)]
+    pub listen_client_port: u16,
+    /// Serve `efr_clients_registered` (Prometheus text) on this port, for `--metrics-url`
+    /// (0: any free port, printed on stdout). Default: no metrics.
+    #[arg(long, env = "EFR_LOAD_RELAY_METRICS_PORT")]
+    pub listen_metrics_port: Option<u16>,
 }

@@ -11,6 +11,9 @@
 //! and the server closed it (or `--drain-ms` passed), or a client stayed silent for
 //! `--timeout` ms while expecting lines.
 //!
+//! `ping` runs apart, as a round-trip loop on one thread ([`ping_loop`]), with its floor
+//! `efr-load relay` ([`relay`]).
+//!
 //! Also here: `compare` (runs against several servers, [`compare`], [`rows`], [`chart`],
 //! [`workload_spec`]) and its ceiling ([`ceiling`]). This crate is independent of the
 //! server's code.
@@ -24,7 +27,9 @@ pub mod config;
 pub mod flow;
 pub mod model;
 pub mod ping;
+pub mod ping_loop;
 pub mod registration;
+pub mod relay;
 pub mod report;
 pub mod rng;
 pub mod rows;
@@ -68,7 +73,7 @@ pub(crate) fn raise_nofile(want: u64) {
     }
 }
 
-fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+pub(crate) fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
     (host, port)
         .to_socket_addrs()
         .with_context(|| format!("resolving {host}:{port}"))?
@@ -95,7 +100,7 @@ fn client_names(users: &[u64]) -> Vec<String> {
 }
 
 /// Connects one client (the TLS handshake included) and sends its id line.
-fn connect_one(
+pub(crate) fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
     security: &Security,
@@ -176,6 +181,52 @@ fn connect_clients(
     Ok(per_reader)
 }
 
+/// The server's registered-clients counter at `--metrics-url` and its value now, read before
+/// any client connects; `None` without `--metrics-url`.
+pub(crate) fn metrics_baseline(
+    config: &LoadConfig,
+) -> anyhow::Result<Option<(registration::MetricsEndpoint, u64)>> {
+    match &config.metrics_url {
+        Some(url) => {
+            let endpoint = registration::MetricsEndpoint::parse(url)?;
+            let baseline = endpoint.read(&config.registered_metric)?;
+            Ok(Some((endpoint, baseline)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// With metrics: waits until the server registered `clients` more clients than `baseline`.
+/// Returns how the registration was awaited, for the report; without metrics the caller
+/// pauses `--settle-ms` itself (see [`config::settle_ms`]).
+pub(crate) fn await_registration(
+    config: &LoadConfig,
+    metrics: &Option<(registration::MetricsEndpoint, u64)>,
+    clients: usize,
+) -> anyhow::Result<String> {
+    Ok(match metrics {
+        Some((endpoint, baseline)) => {
+            let waited = registration::wait_for_count(
+                || endpoint.read(&config.registered_metric),
+                *baseline,
+                clients as u64,
+                Duration::from_millis(config.register_timeout_ms),
+                &config.registered_metric,
+            )?;
+            format!(
+                "{} registered {} clients {:.3}s after the last id line",
+                config.registered_metric,
+                clients,
+                waited.as_secs_f64()
+            )
+        }
+        None => {
+            let ms = config::settle_ms(config.settle_ms, clients as u64);
+            format!("no metrics: a fixed pause of {ms} ms (--settle-ms)")
+        }
+    })
+}
+
 /// Runs one load: connects, streams, verifies, measures. `Err` means the run could not be
 /// made (bad parameters, connect failure); a verification failure is `Ok` with
 /// `report.pass == false`.
@@ -191,6 +242,9 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     if let Some(c) = &chaos {
         workload = c.wrap(workload);
     }
+    if let WorkloadCmd::Ping(_) = cmd {
+        return ping_loop::run(config, &cmd, security, workload, chaos);
+    }
     let users = workload.clients().to_vec();
     let max_user = workload.max_user();
     let total_events = workload.total_events();
@@ -198,39 +252,12 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let (user0, sys0, _) = report::rusage();
 
     let readers = config.reader_threads(users.len());
-    let metrics = match &config.metrics_url {
-        Some(url) => {
-            let endpoint = registration::MetricsEndpoint::parse(url)?;
-            let baseline = endpoint.read(&config.registered_metric)?;
-            Some((endpoint, baseline))
-        }
-        None => None,
-    };
+    let metrics = metrics_baseline(config)?;
     let connect_start = std::time::Instant::now();
     let per_reader = connect_clients(config, &security, &users, readers)?;
     let connect_s = connect_start.elapsed().as_secs_f64();
     // Before the chaos clients connect: their registrations would count too.
-    let registration = match &metrics {
-        Some((endpoint, baseline)) => {
-            let waited = registration::wait_for_count(
-                || endpoint.read(&config.registered_metric),
-                *baseline,
-                users.len() as u64,
-                Duration::from_millis(config.register_timeout_ms),
-                &config.registered_metric,
-            )?;
-            format!(
-                "{} registered {} clients {:.3}s after the last id line",
-                config.registered_metric,
-                users.len(),
-                waited.as_secs_f64()
-            )
-        }
-        None => {
-            let ms = config::settle_ms(config.settle_ms, users.len() as u64);
-            format!("no metrics: a fixed pause of {ms} ms (--settle-ms)")
-        }
-    };
+    let registration = await_registration(config, &metrics, users.len())?;
     // Stopped when dropped: at the end of the run or on an early return.
     let chaos_clients = match &chaos {
         Some(c) => Some(c.start_clients(

@@ -1,5 +1,5 @@
 //! efr-load: load generator and verifier for Follower Maze servers. Parses the command line
-//! (clap: the workloads, `compare`, `null-server`) and runs the command. Exit status: 0 pass,
+//! (clap: the workloads, `compare`, `null-server`, `relay`) and runs the command. Exit status: 0 pass,
 //! 1 verification failure (or, for `compare`, a row that did not behave as designed), 2 usage
 //! or connection error.
 
@@ -23,6 +23,10 @@ fn main() {
             refuse_run_options(&matches, "null-server");
             std::process::exit(efr_load::ceiling::main(args));
         }
+        Some(Command::Relay(args)) => {
+            refuse_run_options(&matches, "relay");
+            std::process::exit(efr_load::relay::main(args));
+        }
         Some(Command::Workload(_)) | None => {}
     }
     match efr_load::run(&config) {
@@ -38,7 +42,7 @@ fn main() {
 }
 
 /// The run options (global, so that they may follow a workload's name) mean nothing to
-/// `compare` and `null-server`, which have flags of their own: refuse them there rather than
+/// `compare`, `null-server` and `relay`, which have flags of their own: refuse them there rather than
 /// ignore them.
 fn refuse_run_options(matches: &clap::ArgMatches, name: &str) {
     let Some((_, sub)) = matches.subcommand() else {

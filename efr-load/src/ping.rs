@@ -1,7 +1,9 @@
 //! The `ping` workload: one event at a time. The source writes `n|P|1|2`, waits until client 2
 //! received it, then writes the next one, so each latency is one round trip through the server
 //! with nothing queued behind it (the source never has more than one batch in flight, see
-//! [`Workload::lockstep`]). With `--rate` the pings are also spaced out in time.
+//! [`Workload::lockstep`]). With `--rate` the pings are also spaced out in time. `efr-load
+//! ping` runs it in the round-trip loop of [`crate::ping_loop`], not through the source and
+//! reader threads.
 
 use serde::Serialize;
 

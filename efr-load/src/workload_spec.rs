@@ -114,7 +114,7 @@ pub fn parse_workload(spec: &str) -> anyhow::Result<WorkloadSpec> {
             let count = num(n)?;
             (
                 format!("ping-{count}"),
-                WorkloadCmd::Ping(PingArgs { count }),
+                WorkloadCmd::Ping(PingArgs { count, spin: false }),
             )
         }
         _ => anyhow::bail!(
