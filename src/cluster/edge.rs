@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use super::snapshot::GraphSnapshot;
 use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
-use super::{connect, runtime_or_report, STOP_CHECK};
+use super::{connect, runtime_or_report, stop_requested};
 use crate::batch::BatchPool;
 use crate::channel;
 use crate::protocol::EventKind;
@@ -234,15 +234,14 @@ impl EdgeConsumer {
             Ok(messages) => messages,
             Err(error) => return self.recreate_unless_stopping(error.to_string()),
         };
+        // Idle, the thread sleeps until a message, a heartbeat of the consumer or the stop.
+        let stop = stop_requested(self.shared.config.stop.clone());
+        tokio::pin!(stop);
         loop {
-            let next = match tokio::time::timeout(STOP_CHECK, messages.next()).await {
-                Err(_) => {
-                    if self.stopping() {
-                        return Ended::Stop;
-                    }
-                    continue;
-                }
-                Ok(next) => next,
+            let next = tokio::select! {
+                biased;
+                () = &mut stop => return Ended::Stop,
+                next = messages.next() => next,
             };
             let message = match next {
                 None => return self.recreate_unless_stopping("the consumer ended".into()),
@@ -259,7 +258,7 @@ impl EdgeConsumer {
                 continue;
             }
             if stream_seq > self.next_stream_seq {
-                match self.rebuild_after_gap(stream_seq).await {
+                match self.rebuild_after_gap(stream, stream_seq).await {
                     Rebuilt::Recreate => {
                         return Ended::Recreate("rebuilt from the newest snapshot".into())
                     }
@@ -429,50 +428,15 @@ impl EdgeConsumer {
         Ok(())
     }
 
-    /// Loads the newest snapshot into the shards and reads on after it. Returns whether there
-    /// was one.
-    async fn load_newest_snapshot(&mut self) -> Result<bool, String> {
-        let loaded = self.snapshots.load_newest().await;
-        let counters = &self.shared.counters;
-        let (pointer, snapshot) = match loaded {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => return Ok(false),
-            Err(error) => {
-                Counters::add(&counters.snapshot_failures, 1);
-                return Err(error);
-            }
-        };
-        let edges = Arc::new(snapshot.edges);
-        if !self
-            .broadcast(|| ShardCommand::ImportGraph(edges.clone()))
-            .await
-        {
-            return Ok(false);
-        }
-        self.applied = snapshot.event_seq;
-        self.next_stream_seq = snapshot.stream_seq + 1;
-        Counters::add(&counters.snapshots_loaded, 1);
-        counters
-            .snapshot_edges
-            .store(edges.len() as u64, Ordering::Relaxed);
-        counters
-            .nats_last_applied_stream_seq
-            .store(snapshot.stream_seq, Ordering::Relaxed);
-        tracing::info!(
-            "loaded snapshot {} ({} edges, stream message {}, written {} ms ago)",
-            pointer.object,
-            edges.len(),
-            snapshot.stream_seq,
-            pointer.age().as_millis()
-        );
-        self.newest_snapshot = Some(pointer);
-        Ok(true)
-    }
-
     /// The consumer delivered `stream_seq` instead of the next message: the messages between
-    /// are gone from the stream. Closes the clients and rebuilds from the newest snapshot when
-    /// it covers the hole; otherwise counts the gap and applies on.
-    async fn rebuild_after_gap(&mut self, stream_seq: u64) -> Rebuilt {
+    /// are gone from the stream (this edge fell behind its retention). When the newest
+    /// snapshot covers the hole: closes the clients (their notifications for the missing
+    /// messages are lost for good, and the protocol has no replay), then rebuilds the graph as
+    /// at start (the snapshot, then the graph changes of every message after it up to the
+    /// stream's end, delivered to nobody) and reads on after that; a client that connects
+    /// meanwhile receives the messages after the rebuild, on the rebuilt graph. Without such
+    /// a snapshot: counts the gap and applies on.
+    async fn rebuild_after_gap(&mut self, stream: &stream::Stream, stream_seq: u64) -> Rebuilt {
         let expected = self.next_stream_seq;
         let counters = &self.shared.counters;
         Counters::add(&counters.nats_stream_gaps, 1);
@@ -500,10 +464,28 @@ impl EdgeConsumer {
         if !self.broadcast(|| ShardCommand::EndSession).await {
             return Rebuilt::Stop;
         }
-        Counters::add(&counters.snapshot_rebuilds, 1);
-        match self.load_newest_snapshot().await {
-            Ok(true) => Rebuilt::Recreate,
-            _ => Rebuilt::ApplyAnyway,
+        let started = std::time::Instant::now();
+        match self.catch_up(stream).await {
+            Ok(()) => {
+                Counters::add(&self.shared.counters.snapshot_rebuilds, 1);
+                tracing::info!(
+                    "rebuilt the graph after falling behind in {} ms; serving clients from \
+                     stream message {}",
+                    started.elapsed().as_millis(),
+                    self.next_stream_seq
+                );
+                Rebuilt::Recreate
+            }
+            Err(error) => {
+                if self.stopping() {
+                    return Rebuilt::Stop;
+                }
+                Counters::add(&self.shared.counters.snapshot_failures, 1);
+                self.shared.faults.warn(Fault::Cluster, || {
+                    format!("rebuilding from the newest snapshot failed ({error}); reading on")
+                });
+                Rebuilt::Recreate
+            }
         }
     }
 

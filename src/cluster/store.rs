@@ -115,7 +115,7 @@ pub struct SnapshotStore {
 }
 
 /// Opens a key-value bucket, creating its stream first when it does not exist.
-async fn key_value(
+pub(super) async fn key_value(
     context: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
