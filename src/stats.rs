@@ -74,6 +74,7 @@ counters! {
     clients_closed_shutdown: "counter", "Clients closed at shutdown.";
     nats_messages_published: "counter", "Ingest: stream messages published (batches and resets).";
     nats_publish_retries: "counter", "Ingest: publishes made again after a failure (NATS away).";
+    nats_chain_end_saves: "counter", "Ingest: saves of where the chain ends (the key-value bucket <stream>-chain).";
     nats_chain_end_save_failures: "counter", "Ingest: failed saves of where the chain ends (the key-value bucket <stream>-chain).";
     nats_messages_applied: "counter", "Edge: stream messages applied (batches and resets).";
     nats_messages_stale: "counter", "Edge: stream messages dropped because their seqs were applied already.";

@@ -499,7 +499,10 @@ impl ChainPublisher {
         let Some(end) = self.acknowledged else { return };
         self.saved_at = Instant::now();
         match self.chain.save(&end).await {
-            Ok(()) => self.saved = Some(end),
+            Ok(()) => {
+                self.saved = Some(end);
+                Counters::add(&self.shared.counters.nats_chain_end_saves, 1);
+            }
             Err(error) => {
                 Counters::add(&self.shared.counters.nats_chain_end_save_failures, 1);
                 self.shared.faults.warn(Fault::Cluster, || error);
