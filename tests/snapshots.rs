@@ -942,3 +942,74 @@ fn an_edge_that_fell_behind_retention_closes_its_clients_rebuilds_and_serves_the
     reference.wait().unwrap();
     ingest.stop_and_wait().unwrap();
 }
+
+#[test]
+fn an_ingest_resumes_where_the_chain_ended_after_an_idle_stream_discarded_every_message() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    // Snapshots every second and no allowed lag: the stream keeps a message 3 s.
+    let short_lived = |role: Role| {
+        let mut config = node(role, &nats, 1);
+        config.nats.snapshot_interval = Some(Duration::from_secs(1));
+        config.nats.allowed_lag = Duration::ZERO;
+        config
+    };
+    let edge = start_server(short_lived(Role::Edge));
+    let workload = harness_workload(67, 10_000, 400, 40);
+    let events = &workload.events;
+    let users = &workload.clients;
+    let clients = connect_and_register(&edge, edge.client_addr, users);
+    let url = nats.url();
+    let ingest_args = [
+        "--role",
+        "ingest",
+        "--resume",
+        "--nats",
+        url.as_str(),
+        "--bind",
+        "127.0.0.1",
+        "--event-port",
+        "0",
+        "--snapshot-interval-s",
+        "1",
+        "--nats-allowed-lag-s",
+        "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut ingest = BinaryNode::start(&ingest_args);
+    let mut source = TcpStream::connect(event_addr_of(&mut ingest)).unwrap();
+    let half = events.len() / 2;
+    write_in_order(&mut source, events, 0..half);
+    wait_until("the edge applies the first half", || {
+        counter(&edge, "events_delivered") == half as u64
+    });
+    // Idle: the publisher saves where the chain ends once, then the stream's retention
+    // discards every message. Then the ingest dies without a word (no save at a stop).
+    wait_until("the chain end saved", || {
+        ingest.metric("nats_chain_end_saves") >= 1
+    });
+    let probe = StreamProbe::new(&nats);
+    wait_until("the stream holds no message", || probe.stream_state().1 == 0);
+    ingest.kill();
+    drop(source);
+    let mut ingest = BinaryNode::start(&ingest_args);
+    let resumed = ingest.wait_for_line("resuming:");
+    assert!(
+        resumed.contains(&format!("the next session starts at seq {}", half + 1)),
+        "{resumed}"
+    );
+    let mut source = TcpStream::connect(event_addr_of(&mut ingest)).unwrap();
+    write_in_order(&mut source, events, half..events.len());
+    wait_until("the edge applies the second half", || {
+        counter(&edge, "events_delivered") == events.len() as u64
+    });
+    drop(source);
+    assert_eq!(counter(&edge, "nats_messages_stale"), 0);
+    assert_eq!(counter(&edge, "nats_stream_gaps"), 0);
+    edge.stop();
+    check(clients, &expected_notifications(events, users), "edge");
+    edge.wait().unwrap();
+}
