@@ -100,6 +100,7 @@ counters! {
     snapshots_written: "counter", "Edge: follow-graph snapshots this edge wrote (as the snapshot lock's holder).";
     snapshots_loaded: "counter", "Edge: follow-graph snapshots loaded (at start, or after falling behind the stream).";
     snapshot_rebuilds: "counter", "Edge: rebuilds from a snapshot after the stream no longer held the next message.";
+    snapshot_orphan_chunks_purged: "counter", "Edge: chunk messages of cut-off snapshot puts (named by no object) purged by the snapshot writer.";
     snapshot_failures: "counter", "Edge: snapshots that could not be written or loaded.";
     snapshot_writer: "gauge", "Edge: 1 while this edge holds the snapshot writer's lock.";
     snapshot_edges: "gauge", "Edge: follow edges in the last snapshot written or loaded.";

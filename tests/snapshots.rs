@@ -770,6 +770,44 @@ impl StreamProbe {
         })
     }
 
+    /// Publishes `chunks` chunk messages of an object put that never finished (no metadata
+    /// names them) and returns their subject.
+    fn cut_off_put(&self, chunks: usize) -> String {
+        self.runtime.block_on(async {
+            // Opening the store creates its stream.
+            SnapshotStore::open(&self.context, &self.config)
+                .await
+                .unwrap();
+            let subject = format!("$O.{}-graph.C.cutoffput0000000000000", self.config.stream);
+            for chunk in 0..chunks {
+                self.context
+                    .publish(subject.clone(), format!("chunk {chunk}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            subject
+        })
+    }
+
+    /// Messages the object store's stream holds on `subject`.
+    fn chunks_on(&self, subject: &str) -> usize {
+        self.runtime.block_on(async {
+            let stream = self
+                .context
+                .get_stream(format!("OBJ_{}-graph", self.config.stream))
+                .await
+                .unwrap();
+            let mut subjects = stream.info_with_subjects(subject).await.unwrap();
+            let mut count = 0;
+            while let Some(entry) = futures_lite::StreamExt::next(&mut subjects).await {
+                count += entry.unwrap().1;
+            }
+            count
+        })
+    }
+
     /// The last stream message the newest snapshot holds (0: none yet).
     fn snapshot_stream_seq(&self) -> u64 {
         self.runtime.block_on(async {
@@ -992,7 +1030,9 @@ fn an_ingest_resumes_where_the_chain_ended_after_an_idle_stream_discarded_every_
         ingest.metric("nats_chain_end_saves") >= 1
     });
     let probe = StreamProbe::new(&nats);
-    wait_until("the stream holds no message", || probe.stream_state().1 == 0);
+    wait_until("the stream holds no message", || {
+        probe.stream_state().1 == 0
+    });
     ingest.kill();
     drop(source);
     let mut ingest = BinaryNode::start(&ingest_args);
@@ -1012,4 +1052,54 @@ fn an_ingest_resumes_where_the_chain_ended_after_an_idle_stream_discarded_every_
     edge.stop();
     check(clients, &expected_notifications(events, users), "edge");
     edge.wait().unwrap();
+}
+
+#[test]
+fn the_snapshot_writer_purges_the_chunks_of_a_cut_off_put_and_keeps_whole_snapshots() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let probe = StreamProbe::new(&nats);
+    let orphan = probe.cut_off_put(3);
+    assert_eq!(probe.chunks_on(&orphan), 3);
+    // A lock of 1 s: an orphan is purged once seen unchanged for a second.
+    let short_lock = |role: Role| {
+        let mut config = node(role, &nats, 1);
+        config.nats.snapshot_events = Some(FREQUENT_SNAPSHOT_EVENTS);
+        config.nats.snapshot_lock_ttl = Duration::from_secs(1);
+        config
+    };
+    let ingest = start_server(short_lock(Role::Ingest));
+    let writer = start_server(short_lock(Role::Edge));
+    let workload = harness_workload(71, 200_000, 500, 10);
+    let events = &workload.events;
+    let mut sent = 0;
+    wait_until("the orphan chunks purged", || {
+        if counter(&writer, "snapshot_orphan_chunks_purged") > 0 {
+            return true;
+        }
+        // Deliberate pacing: snapshots (and with them the writer's look for orphans) come
+        // with events; the orphan must be seen for a second before it goes.
+        std::thread::sleep(Duration::from_millis(50));
+        let end = sent + 1_000;
+        assert!(end <= events.len(), "the workload ran out");
+        send_source(ingest.event_addr, events, &batches_of(sent..end), "\n");
+        sent = end;
+        wait_until("the writer applies the round", || {
+            counter(&writer, "events_delivered") == sent as u64
+        });
+        false
+    });
+    assert_eq!(counter(&writer, "snapshot_orphan_chunks_purged"), 3);
+    assert_eq!(probe.chunks_on(&orphan), 0);
+    assert!(counter(&writer, "snapshots_written") >= 2);
+    assert_eq!(counter(&writer, "snapshot_failures"), 0);
+    // The snapshots' own chunks are untouched: a new edge loads the newest whole.
+    let late = start_server(short_lock(Role::Edge));
+    assert_eq!(counter(&late, "snapshots_loaded"), 1);
+    assert_eq!(counter(&late, "snapshot_failures"), 0);
+    late.stop_and_wait().unwrap();
+    writer.stop_and_wait().unwrap();
+    ingest.stop_and_wait().unwrap();
 }

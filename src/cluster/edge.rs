@@ -123,6 +123,7 @@ fn run(
             next_stream_seq: 1,
             snapshots,
             lock: WriterLock::new(holder),
+            was_writer: false,
             newest_snapshot: None,
             last_snapshot_at: std::time::Instant::now(),
             events_since_snapshot: 0,
@@ -156,6 +157,8 @@ struct EdgeConsumer {
     snapshots: SnapshotStore,
     /// This edge's claim on the snapshot writer's lock.
     lock: WriterLock,
+    /// Whether this edge held the lock at its last look.
+    was_writer: bool,
     /// The newest snapshot this edge knows of.
     newest_snapshot: Option<Pointer>,
     /// When this edge last wrote a snapshot (or started).
@@ -524,6 +527,11 @@ impl EdgeConsumer {
         counters
             .snapshot_writer
             .store(holding as u64, Ordering::Relaxed);
+        if holding && !self.was_writer {
+            // The writer starts: clean up after earlier writers' cut-off puts.
+            self.purge_orphan_chunks().await;
+        }
+        self.was_writer = holding;
         if !holding || !(by_time || by_count) || !newer || applied_stream_seq == 0 {
             return true;
         }
@@ -568,7 +576,24 @@ impl EdgeConsumer {
                     .warn(Fault::Cluster, || format!("snapshot not written: {error}"));
             }
         }
+        self.purge_orphan_chunks().await;
         true
+    }
+
+    /// Purges the chunks of cut-off snapshot puts (see [`SnapshotStore::purge_orphan_chunks`]),
+    /// once seen for the snapshot lock's lifetime.
+    async fn purge_orphan_chunks(&self) {
+        let grace = self.shared.config.nats.snapshot_lock_ttl;
+        match self.snapshots.purge_orphan_chunks(grace).await {
+            Ok(0) => {}
+            Ok(purged) => {
+                Counters::add(&self.shared.counters.snapshot_orphan_chunks_purged, purged);
+                tracing::info!("purged {purged} chunks of cut-off snapshot puts");
+            }
+            Err(error) => self.shared.faults.warn(Fault::Cluster, || {
+                format!("orphan chunks not purged: {error}")
+            }),
+        }
     }
 
     fn recreate_unless_stopping(&self, error: String) -> Ended {
