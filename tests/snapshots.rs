@@ -791,6 +791,18 @@ impl StreamProbe {
         })
     }
 
+    /// Overwrites the chain end the ingest saved.
+    fn save_chain_end(&self, value: &'static [u8]) {
+        self.runtime.block_on(async {
+            let bucket = self
+                .context
+                .get_key_value(format!("{}-chain", self.config.stream))
+                .await
+                .unwrap();
+            bucket.put("end", value.into()).await.unwrap();
+        })
+    }
+
     /// Messages the object store's stream holds on `subject`.
     fn chunks_on(&self, subject: &str) -> usize {
         self.runtime.block_on(async {
@@ -945,13 +957,13 @@ fn an_edge_that_fell_behind_retention_closes_its_clients_rebuilds_and_serves_the
         victim.metric("clients_registered") == registered + users.len() as u64
     });
     let reference_clients = connect_and_register(&reference, reference.client_addr, users);
-    victim.wait_for_line("rebuilt the graph after falling behind");
+    let rebuilt = victim.wait_for_line("rebuilt the graph after falling behind");
     assert!(victim.metric("nats_stream_gaps") >= 1);
     assert!(victim.metric("snapshots_loaded") >= 1);
     // Its early client was closed (EOF, not the read timeout), after whole lines.
     let (_, early_lines) = early_client.lines_until_closed();
     eprintln!(
-        "fell behind: {noticed}; the early client got {} lines before it was closed",
+        "fell behind: {noticed}; {rebuilt}; the early client got {} lines before it was closed",
         early_lines.len()
     );
     let last = counter(&reference, "nats_last_applied_stream_seq");
@@ -1052,6 +1064,27 @@ fn an_ingest_resumes_where_the_chain_ended_after_an_idle_stream_discarded_every_
     edge.stop();
     check(clients, &expected_notifications(events, users), "edge");
     edge.wait().unwrap();
+
+    // A saved end that does not name the stream's last sequence (an ingest killed before it
+    // saved, then down longer than the retention): where the session ended is lost. With
+    // --resume the ingest refuses to start and says so; without, it starts a new session.
+    wait_until("the stream holds no message", || {
+        probe.stream_state().1 == 0
+    });
+    ingest.kill();
+    probe
+        .save_chain_end(b"stream_seq=1 number=1 writer=00000000000000aa kind=batch first=1 last=9");
+    let mut refused = BinaryNode::start(&ingest_args);
+    refused.wait_for_line("cannot resume");
+    assert!(!refused.child.wait().unwrap().success());
+    let fresh_args: Vec<&str> = ingest_args
+        .iter()
+        .copied()
+        .filter(|arg| *arg != "--resume")
+        .collect();
+    let mut fresh = BinaryNode::start(&fresh_args);
+    fresh.wait_for_line("publishing a reset");
+    event_addr_of(&mut fresh);
 }
 
 #[test]
