@@ -185,6 +185,8 @@ enum Rebuilt {
 enum Ended {
     /// The server stops, or the shards are gone.
     Stop,
+    /// The graph was rebuilt: create the consumer again from the next stream sequence.
+    Rebuilt,
     /// The consumer failed; create it again from the next stream sequence.
     Recreate(String),
 }
@@ -199,6 +201,7 @@ impl EdgeConsumer {
         loop {
             match self.consume_once(stream).await {
                 Ended::Stop => return,
+                Ended::Rebuilt => {}
                 Ended::Recreate(error) => {
                     self.shared.faults.warn(Fault::Cluster, || {
                         format!(
@@ -262,9 +265,7 @@ impl EdgeConsumer {
             }
             if stream_seq > self.next_stream_seq {
                 match self.rebuild_after_gap(stream, stream_seq).await {
-                    Rebuilt::Recreate => {
-                        return Ended::Recreate("rebuilt from the newest snapshot".into())
-                    }
+                    Rebuilt::Recreate => return Ended::Rebuilt,
                     Rebuilt::Stop => return Ended::Stop,
                     Rebuilt::ApplyAnyway => {}
                 }
@@ -457,13 +458,13 @@ impl EdgeConsumer {
             });
             return Rebuilt::ApplyAnyway;
         }
-        self.shared.faults.warn(Fault::Cluster, || {
-            format!(
-                "stream message {stream_seq} came after {}: this edge fell behind the \
-                 stream's retention; closing its clients and rebuilding from the newest snapshot",
-                expected.saturating_sub(1)
-            )
-        });
+        // Not rate-limited with the other cluster faults: each rebuild is worth its line, and
+        // rebuilds cannot come faster than a rebuild takes.
+        tracing::warn!(
+            "stream message {stream_seq} came after {}: this edge fell behind the stream's \
+             retention; closing its clients and rebuilding from the newest snapshot",
+            expected.saturating_sub(1)
+        );
         if !self.broadcast(|| ShardCommand::EndSession).await {
             return Rebuilt::Stop;
         }
