@@ -108,10 +108,11 @@ fn run(
                 .state
                 .last_sequence;
             let found = chain.find(&stream, &config.nats, last_stream_seq).await?;
-            Ok::<_, String>((context, stream, chain, found, last_stream_seq))
+            let saved = chain.saved().await?;
+            Ok::<_, String>((context, stream, chain, found, saved, last_stream_seq))
         }
         .await;
-        let (context, stream, chain, found, last_stream_seq) = match opened {
+        let (context, stream, chain, found, saved, last_stream_seq) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 let _ = ready.send(Err(error.clone()));
@@ -156,7 +157,10 @@ fn run(
             in_flight: VecDeque::with_capacity(config.nats.publish_in_flight),
             chain,
             acknowledged: end,
-            saved: end,
+            // When the saved end is not the stream's (an ingest killed within a second of its
+            // last publish, or a stream written before the end was kept), it is saved once
+            // the publisher is quiet.
+            saved,
             saved_at: Instant::now(),
         };
         if !config.nats.resume {

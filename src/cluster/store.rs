@@ -42,6 +42,10 @@ pub const POINTER_KEY: &str = "snapshot";
 pub const LOCK_KEY: &str = "writer";
 /// Object chunk size.
 const CHUNK_BYTES: usize = 1024 * 1024;
+/// Longest time a listing of the object store, or the read of one snapshot, may take: the
+/// client's listing and object reads wait for every message the stream says it holds, which
+/// after a nats-server crash it may fail to deliver; give up rather than hang the edge.
+const STORE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts to move the pointer when another writer moves it at the same time.
 const POINTER_ATTEMPTS: usize = 3;
 /// The server's default duplicate window; a bucket with shorter-lived entries gets theirs.
@@ -243,6 +247,17 @@ impl SnapshotStore {
 
     /// The bytes of the object `name`.
     async fn read_object(&self, name: &str) -> Result<Vec<u8>, String> {
+        tokio::time::timeout(STORE_READ_TIMEOUT, self.read_object_untimed(name))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "reading snapshot {name} took over {} s",
+                    STORE_READ_TIMEOUT.as_secs()
+                ))
+            })
+    }
+
+    async fn read_object_untimed(&self, name: &str) -> Result<Vec<u8>, String> {
         let mut object = self
             .objects
             .get(name)
@@ -329,18 +344,12 @@ impl SnapshotStore {
     /// seen so, with the same chunk count, at least `grace` ago. Remembers the others for the
     /// next call. Returns the chunk messages purged.
     pub async fn purge_orphan_chunks(&self, grace: Duration) -> Result<u64, String> {
-        let mut named = std::collections::HashSet::new();
-        let mut list = self
-            .objects
-            .list()
-            .await
-            .map_err(|error| format!("cannot list snapshots: {error}"))?;
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
-            if !info.deleted {
-                named.insert(info.nuid);
-            }
-        }
+        let named: std::collections::HashSet<String> = self
+            .objects_listed()
+            .await?
+            .into_iter()
+            .map(|info| info.nuid)
+            .collect();
         let prefix = format!("$O.{}.C.", self.bucket);
         let mut subjects = self
             .objects_stream
@@ -388,17 +397,8 @@ impl SnapshotStore {
 
     /// The stream seqs of the snapshot objects in the store, newest first.
     pub async fn object_seqs(&self) -> Result<Vec<u64>, String> {
-        let mut list = self
-            .objects
-            .list()
-            .await
-            .map_err(|error| format!("cannot list snapshots: {error}"))?;
         let mut seqs = Vec::new();
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
-            if info.deleted {
-                continue;
-            }
+        for info in self.objects_listed().await? {
             if let Some(seq) = info
                 .name
                 .strip_prefix("graph-")
@@ -409,6 +409,33 @@ impl SnapshotStore {
         }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         Ok(seqs)
+    }
+
+    /// Every object in the store that is not deleted.
+    async fn objects_listed(&self) -> Result<Vec<object_store::ObjectInfo>, String> {
+        let listing = async {
+            let mut list = self
+                .objects
+                .list()
+                .await
+                .map_err(|error| format!("cannot list snapshots: {error}"))?;
+            let mut infos = Vec::new();
+            while let Some(info) = list.next().await {
+                let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
+                if !info.deleted {
+                    infos.push(info);
+                }
+            }
+            Ok(infos)
+        };
+        tokio::time::timeout(STORE_READ_TIMEOUT, listing)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "listing snapshots took over {} s",
+                    STORE_READ_TIMEOUT.as_secs()
+                ))
+            })
     }
 }
 
