@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,7 +86,8 @@ impl RunningServer {
                 result = Err(std::io::Error::other(format!("executor failed: {error}")));
             }
         }
-        self.shared.config.shutdown.store(true, Ordering::SeqCst);
+        // A request (not only the flag): it also wakes the NATS threads.
+        self.shared.config.stop.request();
         for thread in &self.accept_threads {
             thread.interrupt();
         }

@@ -74,6 +74,8 @@ counters! {
     clients_closed_shutdown: "counter", "Clients closed at shutdown.";
     nats_messages_published: "counter", "Ingest: stream messages published (batches and resets).";
     nats_publish_retries: "counter", "Ingest: publishes made again after a failure (NATS away).";
+    nats_chain_end_saves: "counter", "Ingest: saves of where the chain ends (the key-value bucket <stream>-chain).";
+    nats_chain_end_save_failures: "counter", "Ingest: failed saves of where the chain ends (the key-value bucket <stream>-chain).";
     nats_messages_applied: "counter", "Edge: stream messages applied (batches and resets).";
     nats_messages_stale: "counter", "Edge: stream messages dropped because their seqs were applied already.";
     nats_stream_gaps: "counter", "Edge: stream batches that did not start right after the last applied seq.";
@@ -98,6 +100,7 @@ counters! {
     snapshots_written: "counter", "Edge: follow-graph snapshots this edge wrote (as the snapshot lock's holder).";
     snapshots_loaded: "counter", "Edge: follow-graph snapshots loaded (at start, or after falling behind the stream).";
     snapshot_rebuilds: "counter", "Edge: rebuilds from a snapshot after the stream no longer held the next message.";
+    snapshot_orphan_chunks_purged: "counter", "Edge: chunk messages of cut-off snapshot puts (named by no object) purged by the snapshot writer.";
     snapshot_failures: "counter", "Edge: snapshots that could not be written or loaded.";
     snapshot_writer: "gauge", "Edge: 1 while this edge holds the snapshot writer's lock.";
     snapshot_edges: "gauge", "Edge: follow edges in the last snapshot written or loaded.";

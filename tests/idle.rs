@@ -11,6 +11,11 @@
 //! quotes). `stat` counts in clock ticks (10 ms), so over 5 s a single tick is already 0.2%:
 //! the CPU criterion is judged on `schedstat`, and `stat` must stay within one tick of it.
 //! `EFR_IDLE_BINARY=<path>` runs the same measurement on another build of the server.
+//!
+//! The cluster roles are measured the same way (needs nats-server): the NATS threads of an
+//! idle ingest and an idle edge, each under 10 context switches per second.
+
+mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -255,4 +260,150 @@ fn an_idle_server_with_clients_and_a_source_uses_no_cpu_and_does_not_wake() {
         );
     }
     drop(connections);
+}
+
+/// A cluster node as the real binary, its stderr lines on a channel.
+fn spawn_node(args: &[&str]) -> (Server, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_efr-sharded"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the server binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (line_sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line_sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Server(child), lines)
+}
+
+/// Waits for a line containing each of `needles` (in any order) and returns them, in the
+/// order of `needles`.
+fn wait_for_lines(lines: &mpsc::Receiver<String>, needles: &[&str]) -> Vec<String> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut found: Vec<Option<String>> = vec![None; needles.len()];
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no log lines with each of {needles:?}: {found:?}"));
+        for (needle, slot) in needles.iter().zip(found.iter_mut()) {
+            if slot.is_none() && line.contains(needle) {
+                *slot = Some(line.clone());
+            }
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+fn address_after(line: &str, marker: &str) -> SocketAddr {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split([',', '/']).next())
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn wait_for_counter(metrics: SocketAddr, name: &str, value: u64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let counters = scrape(metrics);
+        if counters.get(name) == Some(&value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never {value}: {counters:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The NATS threads of an idle ingest and an idle edge (after some traffic) sleep until a
+/// message, a consumer heartbeat or the stop: they do not look at the stop flag on a timer.
+#[test]
+fn the_nats_threads_of_an_idle_ingest_and_edge_do_not_poll() {
+    if !common::nats::nats_available() {
+        return;
+    }
+    let nats = common::nats::NatsServer::start();
+    let url = nats.url();
+    let (edge, edge_lines) = spawn_node(&[
+        "--role",
+        "edge",
+        "--nats",
+        &url,
+        "--cores",
+        "1",
+        "--client-port",
+        "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let edge_started = wait_for_lines(&edge_lines, &["metrics on http://", "listening"]);
+    let edge_metrics = address_after(&edge_started[0], "http://");
+    let (ingest, ingest_lines) = spawn_node(&[
+        "--role",
+        "ingest",
+        "--nats",
+        &url,
+        "--resume",
+        "--cores",
+        "1",
+        "--event-port",
+        "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let ingest_started = wait_for_lines(&ingest_lines, &["metrics on http://", "listening"]);
+    let ingest_metrics = address_after(&ingest_started[0], "http://");
+    let events = address_after(&ingest_started[1], "events on ");
+    // Some traffic first, so that the publisher has acknowledgements and a chain end to save.
+    let mut source = TcpStream::connect(events).expect("source connects");
+    let lines: String = (1..=1_000).map(|seq| format!("{seq}|B\n")).collect();
+    source.write_all(lines.as_bytes()).unwrap();
+    wait_for_counter(edge_metrics, "efr_events_delivered", 1_000);
+    wait_for_counter(ingest_metrics, "efr_nats_chain_end_saves", 1);
+    // Let the last scrape's connection close and everything settle.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let window = window();
+    let pids = [ingest.0.id(), edge.0.id()];
+    let before: Vec<_> = pids.iter().map(|&pid| threads(pid)).collect();
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let after: Vec<_> = pids.iter().map(|&pid| threads(pid)).collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let mut nats_threads = Vec::new();
+    for (before, after) in before.iter().zip(&after) {
+        for (tid, (name, _, switches)) in after {
+            if name.starts_with("efr-nats-") {
+                let earlier = before.get(tid).map_or(0, |b| b.2);
+                nats_threads.push((name.clone(), (switches - earlier) as f64 / seconds));
+            }
+        }
+    }
+    nats_threads.sort_by(|a, b| a.0.cmp(&b.0));
+    eprintln!("idle cluster, {seconds:.1} s: switches/s per NATS thread: {nats_threads:?}");
+    assert_eq!(
+        nats_threads.len(),
+        2,
+        "the ingest's and the edge's: {nats_threads:?}"
+    );
+    for (name, rate) in &nats_threads {
+        assert!(
+            *rate < MAX_SWITCHES_PER_SECOND,
+            "NATS thread {name} woke {rate:.1} times a second while idle (limit \
+             {MAX_SWITCHES_PER_SECOND})"
+        );
+    }
+    drop(source);
 }

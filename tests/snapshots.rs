@@ -66,7 +66,8 @@ fn batches_of(range: std::ops::Range<usize>) -> Vec<Vec<usize>> {
 /// A client whose bytes a thread collects until EOF.
 struct EdgeClient {
     user: u64,
-    reader: std::thread::JoinHandle<Vec<u8>>,
+    /// The bytes, and whether the read ended with EOF (not the read timeout).
+    reader: std::thread::JoinHandle<(Vec<u8>, bool)>,
 }
 
 impl EdgeClient {
@@ -76,14 +77,27 @@ impl EdgeClient {
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         let reader = std::thread::spawn(move || {
             let mut bytes = Vec::new();
-            let _ = stream.read_to_end(&mut bytes);
-            bytes
+            let closed = stream.read_to_end(&mut bytes).is_ok();
+            (bytes, closed)
         });
         EdgeClient { user, reader }
     }
 
+    /// Its lines, once the server closed it: fails if it was still open after [`DEADLINE`].
+    fn lines_until_closed(self) -> (u64, Vec<String>) {
+        let (user, (bytes, closed)) = (self.user, self.reader.join().unwrap());
+        assert!(
+            closed,
+            "user {user}: not closed by the server within the deadline"
+        );
+        let text = String::from_utf8(bytes).expect("utf-8");
+        assert!(text.is_empty() || text.ends_with('\n'), "unterminated");
+        (user, text.lines().map(str::to_string).collect())
+    }
+
     fn lines(self) -> (u64, Vec<String>) {
-        let text = String::from_utf8(self.reader.join().unwrap()).expect("utf-8");
+        let (bytes, _) = self.reader.join().unwrap();
+        let text = String::from_utf8(bytes).expect("utf-8");
         assert!(text.is_empty() || text.ends_with('\n'), "unterminated");
         (self.user, text.lines().map(str::to_string).collect())
     }
@@ -720,5 +734,405 @@ fn when_the_snapshot_writer_stops_another_edge_takes_the_lock_and_writes() {
     assert_eq!(counter(&second, "snapshot_writer"), 1);
     drop(source);
     second.stop_and_wait().unwrap();
+    ingest.stop_and_wait().unwrap();
+}
+
+/// What the drills read straight from NATS: the stream's first sequence and the snapshot
+/// pointer's.
+struct StreamProbe {
+    runtime: tokio::runtime::Runtime,
+    context: async_nats::jetstream::Context,
+    config: efr::config::NatsConfig,
+}
+
+impl StreamProbe {
+    fn new(nats: &NatsServer) -> StreamProbe {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let context = runtime.block_on(async {
+            async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+        });
+        StreamProbe {
+            runtime,
+            context,
+            config: node(Role::Edge, nats, 1).nats,
+        }
+    }
+
+    /// The stream's (first sequence, message count).
+    fn stream_state(&self) -> (u64, u64) {
+        self.runtime.block_on(async {
+            let mut stream = self.context.get_stream(&self.config.stream).await.unwrap();
+            let state = stream.info().await.unwrap().state.clone();
+            (state.first_sequence, state.messages)
+        })
+    }
+
+    /// Publishes `chunks` chunk messages of an object put that never finished (no metadata
+    /// names them) and returns their subject.
+    fn cut_off_put(&self, chunks: usize) -> String {
+        self.runtime.block_on(async {
+            // Opening the store creates its stream.
+            SnapshotStore::open(&self.context, &self.config)
+                .await
+                .unwrap();
+            let subject = format!("$O.{}-graph.C.cutoffput0000000000000", self.config.stream);
+            for chunk in 0..chunks {
+                self.context
+                    .publish(subject.clone(), format!("chunk {chunk}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            subject
+        })
+    }
+
+    /// Overwrites the chain end the ingest saved.
+    fn save_chain_end(&self, value: &'static [u8]) {
+        self.runtime.block_on(async {
+            let bucket = self
+                .context
+                .get_key_value(format!("{}-chain", self.config.stream))
+                .await
+                .unwrap();
+            bucket.put("end", value.into()).await.unwrap();
+        })
+    }
+
+    /// Messages the object store's stream holds on `subject`.
+    fn chunks_on(&self, subject: &str) -> usize {
+        self.runtime.block_on(async {
+            let stream = self
+                .context
+                .get_stream(format!("OBJ_{}-graph", self.config.stream))
+                .await
+                .unwrap();
+            let mut subjects = stream.info_with_subjects(subject).await.unwrap();
+            let mut count = 0;
+            while let Some(entry) = futures_lite::StreamExt::next(&mut subjects).await {
+                count += entry.unwrap().1;
+            }
+            count
+        })
+    }
+
+    /// The last stream message the newest snapshot holds (0: none yet).
+    fn snapshot_stream_seq(&self) -> u64 {
+        self.runtime.block_on(async {
+            let store = SnapshotStore::open(&self.context, &self.config)
+                .await
+                .unwrap();
+            store
+                .pointer()
+                .await
+                .unwrap()
+                .map_or(0, |(pointer, _)| pointer.stream_seq)
+        })
+    }
+}
+
+/// Retention of about a hundred small messages (some 15,000 events), so that an edge paused
+/// for a few rounds of events falls behind it while the others, reading along, never do;
+/// snapshots every few hundred events, so that one always lies within it.
+const TINY_STREAM_BYTES: u64 = 256 * 1024;
+const SMALL_MESSAGE_BYTES: usize = 2048;
+const FREQUENT_SNAPSHOT_EVENTS: u64 = 500;
+
+#[test]
+fn an_edge_that_fell_behind_retention_closes_its_clients_rebuilds_and_serves_the_same_bytes() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let tiny = |role: Role| {
+        let mut config = node(role, &nats, 1);
+        config.nats.max_bytes = Some(TINY_STREAM_BYTES);
+        config.nats.message_bytes = SMALL_MESSAGE_BYTES;
+        config.nats.snapshot_events = Some(FREQUENT_SNAPSHOT_EVENTS);
+        config.nats.snapshot_lock_ttl = Duration::from_secs(1);
+        config
+    };
+    let ingest = start_server(tiny(Role::Ingest));
+    let reference = start_server(tiny(Role::Edge));
+    let url = nats.url();
+    let (bytes, events_per_snapshot) = (
+        TINY_STREAM_BYTES.to_string(),
+        FREQUENT_SNAPSHOT_EVENTS.to_string(),
+    );
+    // The victim: the real binary (so it can be paused), pulling few messages at a time so
+    // that little is on its way to it when it stops.
+    let mut victim = BinaryNode::start(&[
+        "--role",
+        "edge",
+        "--nats",
+        url.as_str(),
+        "--bind",
+        "127.0.0.1",
+        "--client-port",
+        "0",
+        "--cores",
+        "1",
+        "--nats-max-bytes",
+        bytes.as_str(),
+        "--nats-pull-messages",
+        "4",
+        "--snapshot-interval-s",
+        "0",
+        "--snapshot-events",
+        events_per_snapshot.as_str(),
+        "--snapshot-lock-ttl-s",
+        "1",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let victim_addr = victim.client_addr();
+    let workload = harness_workload(61, 100_000, 500, 50);
+    let events = &workload.events;
+    let users = &workload.clients;
+    let mut sent = 5_000;
+    send_source(ingest.event_addr, events, &batches_of(0..sent), "\n");
+    wait_until("the reference edge applies the head", || {
+        counter(&reference, "events_delivered") == sent as u64
+    });
+    let head_seq = counter(&reference, "nats_last_applied_stream_seq");
+    wait_until("the victim applies the head", || {
+        victim.metric("nats_last_applied_stream_seq") == head_seq
+    });
+    let early_client = EdgeClient::connect(victim_addr, users[0]);
+    wait_until("the victim registers its client", || {
+        victim.metric("clients_registered") == 1
+    });
+
+    // SAFETY: signals a child process this test owns.
+    unsafe {
+        libc::kill(victim.child.id() as i32, libc::SIGSTOP);
+    }
+    // Events go on until the stream no longer holds what the victim has not read, and the
+    // newest snapshot (written by the reference edge, which takes the lock within a second
+    // if the victim held it) lies within what the stream holds.
+    let probe = StreamProbe::new(&nats);
+    wait_until(
+        "the stream discards what the paused edge has not read",
+        || {
+            let (first, _) = probe.stream_state();
+            let behind = first > head_seq + 10;
+            let covered = probe.snapshot_stream_seq() + 1 >= first;
+            if behind && covered {
+                return true;
+            }
+            // Behind but not covered: the victim held the snapshot lock; small rounds, paced,
+            // until it expires (a second) and the reference edge takes it and writes.
+            if behind {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let end = sent + if behind { 100 } else { 2_000 };
+            assert!(end < events.len() - 10_000, "the workload ran out");
+            send_source(ingest.event_addr, events, &batches_of(sent..end), "\n");
+            sent = end;
+            wait_until("the reference edge applies the round", || {
+                counter(&reference, "events_delivered") == sent as u64
+            });
+            false
+        },
+    );
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(victim.child.id() as i32, libc::SIGCONT);
+    }
+    let noticed = victim.wait_for_line("fell behind the stream's retention");
+    // New clients connect as soon as the rebuild is counted: the graph is in place by then,
+    // and they receive only what comes after the stream's end (nothing the other edges
+    // delivered before).
+    wait_until("the rebuild", || victim.metric("snapshot_rebuilds") == 1);
+    let registered = victim.metric("clients_registered");
+    let victim_clients: Vec<EdgeClient> = users
+        .iter()
+        .map(|&user| EdgeClient::connect(victim_addr, user))
+        .collect();
+    wait_until("registrations on the rebuilt edge", || {
+        victim.metric("clients_registered") == registered + users.len() as u64
+    });
+    let reference_clients = connect_and_register(&reference, reference.client_addr, users);
+    let rebuilt = victim.wait_for_line("rebuilt the graph after falling behind");
+    assert!(victim.metric("nats_stream_gaps") >= 1);
+    assert!(victim.metric("snapshots_loaded") >= 1);
+    // Its early client was closed (EOF, not the read timeout), after whole lines.
+    let (_, early_lines) = early_client.lines_until_closed();
+    eprintln!(
+        "fell behind: {noticed}; {rebuilt}; the early client got {} lines before it was closed",
+        early_lines.len()
+    );
+    let last = counter(&reference, "nats_last_applied_stream_seq");
+    wait_until("the victim catches up", || {
+        victim.metric("nats_last_applied_stream_seq") == last
+    });
+    let tail = sent..sent + 10_000;
+    send_source(ingest.event_addr, events, &batches_of(tail.clone()), "\n");
+    wait_until("the reference edge applies the tail", || {
+        counter(&reference, "events_delivered") == tail.end as u64
+    });
+    let last = counter(&reference, "nats_last_applied_stream_seq");
+    wait_until("the rebuilt edge applies the tail", || {
+        victim.metric("nats_last_applied_stream_seq") == last
+    });
+    assert_eq!(victim.metric("snapshot_rebuilds"), 1, "one rebuild only");
+    reference.stop();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(victim.child.id() as i32, libc::SIGTERM);
+    }
+    victim.child.wait().unwrap();
+    let expected = expected_after(&events[..tail.end], users, sent);
+    check(reference_clients, &expected, "reference edge");
+    check(victim_clients, &expected, "rebuilt edge");
+    reference.wait().unwrap();
+    ingest.stop_and_wait().unwrap();
+}
+
+#[test]
+fn an_ingest_resumes_where_the_chain_ended_after_an_idle_stream_discarded_every_message() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    // Snapshots every second and no allowed lag: the stream keeps a message 3 s.
+    let short_lived = |role: Role| {
+        let mut config = node(role, &nats, 1);
+        config.nats.snapshot_interval = Some(Duration::from_secs(1));
+        config.nats.allowed_lag = Duration::ZERO;
+        config
+    };
+    let edge = start_server(short_lived(Role::Edge));
+    let workload = harness_workload(67, 10_000, 400, 40);
+    let events = &workload.events;
+    let users = &workload.clients;
+    let clients = connect_and_register(&edge, edge.client_addr, users);
+    let url = nats.url();
+    let ingest_args = [
+        "--role",
+        "ingest",
+        "--resume",
+        "--nats",
+        url.as_str(),
+        "--bind",
+        "127.0.0.1",
+        "--event-port",
+        "0",
+        "--snapshot-interval-s",
+        "1",
+        "--nats-allowed-lag-s",
+        "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut ingest = BinaryNode::start(&ingest_args);
+    let mut source = TcpStream::connect(event_addr_of(&mut ingest)).unwrap();
+    let half = events.len() / 2;
+    write_in_order(&mut source, events, 0..half);
+    wait_until("the edge applies the first half", || {
+        counter(&edge, "events_delivered") == half as u64
+    });
+    // Idle: the publisher saves where the chain ends once, then the stream's retention
+    // discards every message. Then the ingest dies without a word (no save at a stop).
+    wait_until("the chain end saved", || {
+        ingest.metric("nats_chain_end_saves") >= 1
+    });
+    let probe = StreamProbe::new(&nats);
+    wait_until("the stream holds no message", || {
+        probe.stream_state().1 == 0
+    });
+    ingest.kill();
+    drop(source);
+    let mut ingest = BinaryNode::start(&ingest_args);
+    let resumed = ingest.wait_for_line("resuming:");
+    assert!(
+        resumed.contains(&format!("the next session starts at seq {}", half + 1)),
+        "{resumed}"
+    );
+    let mut source = TcpStream::connect(event_addr_of(&mut ingest)).unwrap();
+    write_in_order(&mut source, events, half..events.len());
+    wait_until("the edge applies the second half", || {
+        counter(&edge, "events_delivered") == events.len() as u64
+    });
+    drop(source);
+    assert_eq!(counter(&edge, "nats_messages_stale"), 0);
+    assert_eq!(counter(&edge, "nats_stream_gaps"), 0);
+    edge.stop();
+    check(clients, &expected_notifications(events, users), "edge");
+    edge.wait().unwrap();
+
+    // A saved end that does not name the stream's last sequence (an ingest killed before it
+    // saved, then down longer than the retention): where the session ended is lost. With
+    // --resume the ingest refuses to start and says so; without, it starts a new session.
+    wait_until("the stream holds no message", || {
+        probe.stream_state().1 == 0
+    });
+    ingest.kill();
+    probe
+        .save_chain_end(b"stream_seq=1 number=1 writer=00000000000000aa kind=batch first=1 last=9");
+    let mut refused = BinaryNode::start(&ingest_args);
+    refused.wait_for_line("cannot resume");
+    assert!(!refused.child.wait().unwrap().success());
+    let fresh_args: Vec<&str> = ingest_args
+        .iter()
+        .copied()
+        .filter(|arg| *arg != "--resume")
+        .collect();
+    let mut fresh = BinaryNode::start(&fresh_args);
+    fresh.wait_for_line("publishing a reset");
+    event_addr_of(&mut fresh);
+}
+
+#[test]
+fn the_snapshot_writer_purges_the_chunks_of_a_cut_off_put_and_keeps_whole_snapshots() {
+    if !nats_available() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let probe = StreamProbe::new(&nats);
+    let orphan = probe.cut_off_put(3);
+    assert_eq!(probe.chunks_on(&orphan), 3);
+    // A lock of 1 s: an orphan is purged once seen unchanged for a second.
+    let short_lock = |role: Role| {
+        let mut config = node(role, &nats, 1);
+        config.nats.snapshot_events = Some(FREQUENT_SNAPSHOT_EVENTS);
+        config.nats.snapshot_lock_ttl = Duration::from_secs(1);
+        config
+    };
+    let ingest = start_server(short_lock(Role::Ingest));
+    let writer = start_server(short_lock(Role::Edge));
+    let workload = harness_workload(71, 200_000, 500, 10);
+    let events = &workload.events;
+    let mut sent = 0;
+    wait_until("the orphan chunks purged", || {
+        if counter(&writer, "snapshot_orphan_chunks_purged") > 0 {
+            return true;
+        }
+        // Deliberate pacing: snapshots (and with them the writer's look for orphans) come
+        // with events; the orphan must be seen for a second before it goes.
+        std::thread::sleep(Duration::from_millis(50));
+        let end = sent + 1_000;
+        assert!(end <= events.len(), "the workload ran out");
+        send_source(ingest.event_addr, events, &batches_of(sent..end), "\n");
+        sent = end;
+        wait_until("the writer applies the round", || {
+            counter(&writer, "events_delivered") == sent as u64
+        });
+        false
+    });
+    assert_eq!(counter(&writer, "snapshot_orphan_chunks_purged"), 3);
+    assert_eq!(probe.chunks_on(&orphan), 0);
+    assert!(counter(&writer, "snapshots_written") >= 2);
+    assert_eq!(counter(&writer, "snapshot_failures"), 0);
+    // The snapshots' own chunks are untouched: a new edge loads the newest whole.
+    let late = start_server(short_lock(Role::Edge));
+    assert_eq!(counter(&late, "snapshots_loaded"), 1);
+    assert_eq!(counter(&late, "snapshot_failures"), 0);
+    late.stop_and_wait().unwrap();
+    writer.stop_and_wait().unwrap();
     ingest.stop_and_wait().unwrap();
 }

@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use super::snapshot::GraphSnapshot;
 use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
-use super::{connect, runtime_or_report, STOP_CHECK};
+use super::{connect, runtime_or_report, stop_requested};
 use crate::batch::BatchPool;
 use crate::channel;
 use crate::protocol::EventKind;
@@ -123,6 +123,7 @@ fn run(
             next_stream_seq: 1,
             snapshots,
             lock: WriterLock::new(holder),
+            was_writer: false,
             newest_snapshot: None,
             last_snapshot_at: std::time::Instant::now(),
             events_since_snapshot: 0,
@@ -156,6 +157,8 @@ struct EdgeConsumer {
     snapshots: SnapshotStore,
     /// This edge's claim on the snapshot writer's lock.
     lock: WriterLock,
+    /// Whether this edge held the lock at its last look.
+    was_writer: bool,
     /// The newest snapshot this edge knows of.
     newest_snapshot: Option<Pointer>,
     /// When this edge last wrote a snapshot (or started).
@@ -182,6 +185,8 @@ enum Rebuilt {
 enum Ended {
     /// The server stops, or the shards are gone.
     Stop,
+    /// The graph was rebuilt: create the consumer again from the next stream sequence.
+    Rebuilt,
     /// The consumer failed; create it again from the next stream sequence.
     Recreate(String),
 }
@@ -196,6 +201,7 @@ impl EdgeConsumer {
         loop {
             match self.consume_once(stream).await {
                 Ended::Stop => return,
+                Ended::Rebuilt => {}
                 Ended::Recreate(error) => {
                     self.shared.faults.warn(Fault::Cluster, || {
                         format!(
@@ -234,15 +240,14 @@ impl EdgeConsumer {
             Ok(messages) => messages,
             Err(error) => return self.recreate_unless_stopping(error.to_string()),
         };
+        // Idle, the thread sleeps until a message, a heartbeat of the consumer or the stop.
+        let stop = stop_requested(self.shared.config.stop.clone());
+        tokio::pin!(stop);
         loop {
-            let next = match tokio::time::timeout(STOP_CHECK, messages.next()).await {
-                Err(_) => {
-                    if self.stopping() {
-                        return Ended::Stop;
-                    }
-                    continue;
-                }
-                Ok(next) => next,
+            let next = tokio::select! {
+                biased;
+                () = &mut stop => return Ended::Stop,
+                next = messages.next() => next,
             };
             let message = match next {
                 None => return self.recreate_unless_stopping("the consumer ended".into()),
@@ -259,10 +264,8 @@ impl EdgeConsumer {
                 continue;
             }
             if stream_seq > self.next_stream_seq {
-                match self.rebuild_after_gap(stream_seq).await {
-                    Rebuilt::Recreate => {
-                        return Ended::Recreate("rebuilt from the newest snapshot".into())
-                    }
+                match self.rebuild_after_gap(stream, stream_seq).await {
+                    Rebuilt::Recreate => return Ended::Rebuilt,
                     Rebuilt::Stop => return Ended::Stop,
                     Rebuilt::ApplyAnyway => {}
                 }
@@ -429,50 +432,15 @@ impl EdgeConsumer {
         Ok(())
     }
 
-    /// Loads the newest snapshot into the shards and reads on after it. Returns whether there
-    /// was one.
-    async fn load_newest_snapshot(&mut self) -> Result<bool, String> {
-        let loaded = self.snapshots.load_newest().await;
-        let counters = &self.shared.counters;
-        let (pointer, snapshot) = match loaded {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => return Ok(false),
-            Err(error) => {
-                Counters::add(&counters.snapshot_failures, 1);
-                return Err(error);
-            }
-        };
-        let edges = Arc::new(snapshot.edges);
-        if !self
-            .broadcast(|| ShardCommand::ImportGraph(edges.clone()))
-            .await
-        {
-            return Ok(false);
-        }
-        self.applied = snapshot.event_seq;
-        self.next_stream_seq = snapshot.stream_seq + 1;
-        Counters::add(&counters.snapshots_loaded, 1);
-        counters
-            .snapshot_edges
-            .store(edges.len() as u64, Ordering::Relaxed);
-        counters
-            .nats_last_applied_stream_seq
-            .store(snapshot.stream_seq, Ordering::Relaxed);
-        tracing::info!(
-            "loaded snapshot {} ({} edges, stream message {}, written {} ms ago)",
-            pointer.object,
-            edges.len(),
-            snapshot.stream_seq,
-            pointer.age().as_millis()
-        );
-        self.newest_snapshot = Some(pointer);
-        Ok(true)
-    }
-
     /// The consumer delivered `stream_seq` instead of the next message: the messages between
-    /// are gone from the stream. Closes the clients and rebuilds from the newest snapshot when
-    /// it covers the hole; otherwise counts the gap and applies on.
-    async fn rebuild_after_gap(&mut self, stream_seq: u64) -> Rebuilt {
+    /// are gone from the stream (this edge fell behind its retention). When the newest
+    /// snapshot covers the hole: closes the clients (their notifications for the missing
+    /// messages are lost for good, and the protocol has no replay), then rebuilds the graph as
+    /// at start (the snapshot, then the graph changes of every message after it up to the
+    /// stream's end, delivered to nobody) and reads on after that; a client that connects
+    /// meanwhile receives the messages after the rebuild, on the rebuilt graph. Without such
+    /// a snapshot: counts the gap and applies on.
+    async fn rebuild_after_gap(&mut self, stream: &stream::Stream, stream_seq: u64) -> Rebuilt {
         let expected = self.next_stream_seq;
         let counters = &self.shared.counters;
         Counters::add(&counters.nats_stream_gaps, 1);
@@ -490,20 +458,38 @@ impl EdgeConsumer {
             });
             return Rebuilt::ApplyAnyway;
         }
-        self.shared.faults.warn(Fault::Cluster, || {
-            format!(
-                "stream message {stream_seq} came after {}: this edge fell behind the \
-                 stream's retention; closing its clients and rebuilding from the newest snapshot",
-                expected.saturating_sub(1)
-            )
-        });
+        // Not rate-limited with the other cluster faults: each rebuild is worth its line, and
+        // rebuilds cannot come faster than a rebuild takes.
+        tracing::warn!(
+            "stream message {stream_seq} came after {}: this edge fell behind the stream's \
+             retention; closing its clients and rebuilding from the newest snapshot",
+            expected.saturating_sub(1)
+        );
         if !self.broadcast(|| ShardCommand::EndSession).await {
             return Rebuilt::Stop;
         }
-        Counters::add(&counters.snapshot_rebuilds, 1);
-        match self.load_newest_snapshot().await {
-            Ok(true) => Rebuilt::Recreate,
-            _ => Rebuilt::ApplyAnyway,
+        let started = std::time::Instant::now();
+        match self.catch_up(stream).await {
+            Ok(()) => {
+                Counters::add(&self.shared.counters.snapshot_rebuilds, 1);
+                tracing::info!(
+                    "rebuilt the graph after falling behind in {} ms; serving clients from \
+                     stream message {}",
+                    started.elapsed().as_millis(),
+                    self.next_stream_seq
+                );
+                Rebuilt::Recreate
+            }
+            Err(error) => {
+                if self.stopping() {
+                    return Rebuilt::Stop;
+                }
+                Counters::add(&self.shared.counters.snapshot_failures, 1);
+                self.shared.faults.warn(Fault::Cluster, || {
+                    format!("rebuilding from the newest snapshot failed ({error}); reading on")
+                });
+                Rebuilt::Recreate
+            }
         }
     }
 
@@ -542,6 +528,11 @@ impl EdgeConsumer {
         counters
             .snapshot_writer
             .store(holding as u64, Ordering::Relaxed);
+        if holding && !self.was_writer {
+            // The writer starts: clean up after earlier writers' cut-off puts.
+            self.purge_orphan_chunks().await;
+        }
+        self.was_writer = holding;
         if !holding || !(by_time || by_count) || !newer || applied_stream_seq == 0 {
             return true;
         }
@@ -586,7 +577,24 @@ impl EdgeConsumer {
                     .warn(Fault::Cluster, || format!("snapshot not written: {error}"));
             }
         }
+        self.purge_orphan_chunks().await;
         true
+    }
+
+    /// Purges the chunks of cut-off snapshot puts (see [`SnapshotStore::purge_orphan_chunks`]),
+    /// once seen for the snapshot lock's lifetime.
+    async fn purge_orphan_chunks(&self) {
+        let grace = self.shared.config.nats.snapshot_lock_ttl;
+        match self.snapshots.purge_orphan_chunks(grace).await {
+            Ok(0) => {}
+            Ok(purged) => {
+                Counters::add(&self.shared.counters.snapshot_orphan_chunks_purged, purged);
+                tracing::info!("purged {purged} chunks of cut-off snapshot puts");
+            }
+            Err(error) => self.shared.faults.warn(Fault::Cluster, || {
+                format!("orphan chunks not purged: {error}")
+            }),
+        }
     }
 
     fn recreate_unless_stopping(&self, error: String) -> Ended {

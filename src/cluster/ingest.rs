@@ -26,8 +26,9 @@ use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, publish::PublishAck};
 use bytes::Bytes;
 
+use super::chain::{ChainEnd, ChainStore, Found};
 use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
-use super::{chain_end, connect, runtime_or_report, subject, STOP_CHECK};
+use super::{connect, runtime_or_report, subject};
 use crate::channel::ForeignReceiver;
 use crate::shard::ShardCommand;
 use crate::shared::Shared;
@@ -38,6 +39,9 @@ use crate::stats::{Counters, Fault};
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Longest pause between two attempts to publish a message again.
 const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The chain end is saved this long after the publisher went quiet, and at most this often
+/// while it publishes (see [`chain`](super::chain)).
+const CHAIN_END_SAVE_DELAY: Duration = Duration::from_secs(1);
 
 /// A started publisher.
 pub struct Publisher {
@@ -96,22 +100,43 @@ fn run(
         let config = &shared.config;
         let opened = async {
             let (context, stream) = connect(&config.nats, &config.shutdown).await?;
-            let end = chain_end(&stream, &config.nats).await?;
+            let chain = ChainStore::open(&context, &config.nats).await?;
             let last_stream_seq = stream
                 .get_info()
                 .await
                 .map_err(|error| format!("cannot read stream {}: {error}", config.nats.stream))?
                 .state
                 .last_sequence;
-            Ok::<_, String>((context, stream, end, last_stream_seq))
+            let found = chain.find(&stream, &config.nats, last_stream_seq).await?;
+            let saved = chain.saved().await?;
+            Ok::<_, String>((context, stream, chain, found, saved, last_stream_seq))
         }
         .await;
-        let (context, stream, end, last_stream_seq) = match opened {
+        let (context, stream, chain, found, saved, last_stream_seq) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 let _ = ready.send(Err(error.clone()));
                 return Err(error);
             }
+        };
+        let end = match found {
+            Found::Known(end) => end,
+            Found::Lost {
+                last_stream_seq,
+                saved,
+            } if config.nats.resume => {
+                let error = format!(
+                    "cannot resume: stream {} holds no message any more (its retention \
+                     discarded them) and the saved chain end ({}) is not its last message \
+                     (stream sequence {last_stream_seq}), so where the session ended is lost; \
+                     start without --resume for a new session",
+                    config.nats.stream,
+                    saved.map_or_else(|| "none".to_string(), |end| end.encode())
+                );
+                let _ = ready.send(Err(error.clone()));
+                return Err(error);
+            }
+            Found::Lost { .. } => None,
         };
         let resume_at = match (config.nats.resume, end) {
             (false, _) => None,
@@ -130,14 +155,25 @@ fn run(
             last_id: end.map(|end| end.envelope.msg_id()),
             next_stream_seq: last_stream_seq + 1,
             in_flight: VecDeque::with_capacity(config.nats.publish_in_flight),
+            chain,
+            acknowledged: end,
+            // When the saved end is not the stream's (an ingest killed within a second of its
+            // last publish, or a stream written before the end was kept), it is saved once
+            // the publisher is quiet.
+            saved,
+            saved_at: Instant::now(),
         };
         if !config.nats.resume {
-            if let Some(end) = end.filter(|end| end.envelope.kind != Kind::Reset) {
-                // A new ingest without --resume starts a new session: every edge forgets
-                // the previous one.
+            // A new ingest without --resume starts a new session: every edge forgets the
+            // previous one (also when the stream's messages expired: the edges still hold it).
+            let open_session = match end {
+                Some(end) => end.envelope.kind != Kind::Reset,
+                None => last_stream_seq > 0,
+            };
+            if open_session {
                 tracing::info!(
-                    "the stream ends inside a session (message {}): publishing a reset",
-                    end.envelope.number
+                    "the stream ends inside a session (stream message {last_stream_seq}): \
+                     publishing a reset"
                 );
                 publisher.publish(Kind::Reset, Bytes::new()).await?;
             }
@@ -191,6 +227,14 @@ struct ChainPublisher {
     next_stream_seq: u64,
     /// Published, acknowledgement pending (None: the publish itself failed).
     in_flight: VecDeque<(Outgoing, Option<AckFuture>)>,
+    /// Where the saved chain end is kept.
+    chain: ChainStore,
+    /// The last message the stream acknowledged (or found at start).
+    acknowledged: Option<ChainEnd>,
+    /// The chain end last saved (or found at start).
+    saved: Option<ChainEnd>,
+    /// When it was saved.
+    saved_at: Instant,
 }
 
 impl ChainPublisher {
@@ -205,22 +249,51 @@ impl ChainPublisher {
         let mut builder = PayloadBuilder::new(nats.message_bytes, first_seq);
         let mut opened_at = Instant::now();
         loop {
-            let wait = if builder.is_empty() {
-                STOP_CHECK
-            } else {
-                flush_interval.saturating_sub(opened_at.elapsed())
-            };
-            let command = match tokio::time::timeout(wait, commands.recv_async()).await {
-                Ok(Some(command)) => command,
-                Ok(None) => ShardCommand::Shutdown,
-                Err(_) => {
-                    if !builder.is_empty() && opened_at.elapsed() >= flush_interval {
+            // Idle (nothing open, nothing unacknowledged, the chain end saved), the thread
+            // sleeps until the next command: no timer.
+            let command = if !builder.is_empty() {
+                let wait = flush_interval.saturating_sub(opened_at.elapsed());
+                match tokio::time::timeout(wait, commands.recv_async()).await {
+                    Ok(command) => command,
+                    Err(_) => {
                         self.seal(&mut builder).await?;
+                        self.reap_acknowledged().await?;
+                        continue;
                     }
-                    self.reap_acknowledged().await?;
-                    continue;
                 }
+            } else if let Some((_, ack)) = self.in_flight.front_mut() {
+                let Some(ack) = ack.as_mut() else {
+                    self.settle_oldest().await?;
+                    continue;
+                };
+                tokio::select! {
+                    biased;
+                    command = commands.recv_async() => command,
+                    result = ack => {
+                        let (outgoing, _) = self.in_flight.pop_front().expect("front exists");
+                        match result {
+                            Ok(_) => self.acknowledge(&outgoing),
+                            Err(error) => self.recover(outgoing, error.to_string()).await?,
+                        }
+                        self.reap_acknowledged().await?;
+                        continue;
+                    }
+                }
+            } else if self.acknowledged != self.saved {
+                match tokio::time::timeout(CHAIN_END_SAVE_DELAY, commands.recv_async()).await {
+                    Ok(command) => command,
+                    Err(_) => {
+                        self.save_chain_end().await;
+                        continue;
+                    }
+                }
+            } else {
+                commands.recv_async().await
             };
+            let command = command.unwrap_or(ShardCommand::Shutdown);
+            if self.acknowledged != self.saved && self.saved_at.elapsed() >= CHAIN_END_SAVE_DELAY {
+                self.save_chain_end().await;
+            }
             match command {
                 ShardCommand::Batch(batch) => {
                     for event in batch.events() {
@@ -246,6 +319,9 @@ impl ChainPublisher {
                     self.seal(&mut builder).await?;
                     while !self.in_flight.is_empty() {
                         self.settle_oldest().await?;
+                    }
+                    if self.acknowledged != self.saved {
+                        self.save_chain_end().await;
                     }
                     tracing::info!("publisher stopped after message {}", self.last_number);
                     return Ok(());
@@ -315,8 +391,9 @@ impl ChainPublisher {
                 None => return Ok(()),
                 Some(result) => {
                     let (outgoing, _) = self.in_flight.pop_front().expect("front exists");
-                    if let Err(error) = result {
-                        self.recover(outgoing, error.to_string()).await?;
+                    match result {
+                        Ok(_) => self.acknowledge(&outgoing),
+                        Err(error) => self.recover(outgoing, error.to_string()).await?,
                     }
                 }
             }
@@ -334,7 +411,10 @@ impl ChainPublisher {
         };
         let failure = match ack {
             Some(ack) => match ack.await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.acknowledge(&outgoing);
+                    return Ok(());
+                }
                 Err(error) => error.to_string(),
             },
             None => "the publish failed".to_string(),
@@ -367,9 +447,13 @@ impl ChainPublisher {
                     Err(error) => Err((PublishErrorKind::Other, error)),
                 };
                 match outcome {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        self.acknowledge(&outgoing);
+                        break;
+                    }
                     Err((kind, error)) if is_chain_refusal(kind) => {
                         if self.is_stored(&outgoing).await? {
+                            self.acknowledge(&outgoing);
                             break;
                         }
                         if check_last_id && self.follows_the_last_message(&outgoing).await? {
@@ -404,6 +488,32 @@ impl ChainPublisher {
 }
 
 impl ChainPublisher {
+    /// The stream took `outgoing`: it is where the chain ends (acknowledgements come in
+    /// order).
+    fn acknowledge(&mut self, outgoing: &Outgoing) {
+        self.acknowledged = Some(ChainEnd {
+            envelope: outgoing.envelope,
+            stream_seq: outgoing.stream_seq,
+        });
+    }
+
+    /// Saves the last acknowledged message as the chain end; a failure is logged (the next
+    /// save tries again).
+    async fn save_chain_end(&mut self) {
+        let Some(end) = self.acknowledged else { return };
+        self.saved_at = Instant::now();
+        match self.chain.save(&end).await {
+            Ok(()) => {
+                self.saved = Some(end);
+                Counters::add(&self.shared.counters.nats_chain_end_saves, 1);
+            }
+            Err(error) => {
+                Counters::add(&self.shared.counters.nats_chain_end_save_failures, 1);
+                self.shared.faults.warn(Fault::Cluster, || error);
+            }
+        }
+    }
+
     /// Whether the stream holds `outgoing` at the sequence it expected (stored by an earlier
     /// attempt whose acknowledgement was lost). An error reading it ends the ingest too: the
     /// chain cannot be trusted.
@@ -417,12 +527,19 @@ impl ChainPublisher {
         if outgoing.stream_seq <= 1 || outgoing.previous_id.is_none() {
             return Ok(false);
         }
-        self.holds(
-            outgoing,
-            outgoing.stream_seq - 1,
-            outgoing.previous_id.as_deref(),
-        )
-        .await
+        match self.stream.get_raw_message(outgoing.stream_seq - 1).await {
+            // Gone by the stream's retention: the expected last sequence alone fences off a
+            // rival (it would have moved the sequence, and the next attempt is refused).
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(true),
+            _ => {
+                self.holds(
+                    outgoing,
+                    outgoing.stream_seq - 1,
+                    outgoing.previous_id.as_deref(),
+                )
+                .await
+            }
+        }
     }
 
     /// Whether the stream holds a message with id `id` at `stream_seq`.

@@ -8,6 +8,7 @@
 //! thread of its own with a current-thread runtime, bridged to the glommio executors by the
 //! bounded flume channels the shards already use.
 
+pub mod chain;
 pub mod edge;
 pub mod ingest;
 pub mod snapshot;
@@ -18,12 +19,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::config::NatsConfig;
-use wire::{Envelope, Kind};
+use crate::stop::StopRequest;
 
-/// How often a waiting node looks at the stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(50);
+/// Pause between two attempts to connect or to open the stream at start.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How often a waiter looks at the stop flag when the stop request has no pipe to wake it
+/// (the pipe could not be made: out of descriptors at start).
+const STOP_FLAG_FALLBACK_CHECK: Duration = Duration::from_millis(50);
 /// Longest pause between two reconnection attempts to NATS.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// The server's default duplicate window (the stream's dedup of `Nats-Msg-Id`).
@@ -34,6 +40,32 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// The subject of a cluster's stream.
 pub fn subject(config: &NatsConfig) -> String {
     format!("{}.ev", config.stream)
+}
+
+/// Resolves once the stop is requested: sleeps on the stop request's pipe, so a NATS thread
+/// waiting for messages or commands wakes for the stop and for nothing else.
+async fn stop_requested(stop: StopRequest) {
+    if stop.is_requested() {
+        return;
+    }
+    let waiter = stop
+        .wake_fd()
+        .and_then(|fd| fd.try_clone_to_owned().ok())
+        // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd and closed only
+        // when it drops (after deregistering).
+        .and_then(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok());
+    if let Some(waiter) = waiter {
+        // The request sets the flag before it writes the byte: readable means requested.
+        let _ = waiter.readable().await;
+    }
+    fallback(&stop).await
+}
+
+/// [`stop_requested`] without a pipe.
+async fn fallback(stop: &StopRequest) {
+    while !stop.is_requested() {
+        tokio::time::sleep(STOP_FLAG_FALLBACK_CHECK).await;
+    }
 }
 
 /// A current-thread tokio runtime for a node's NATS thread.
@@ -75,7 +107,7 @@ async fn connect(
                 if Instant::now() >= deadline || stop.load(Ordering::SeqCst) {
                     return Err(format!("cannot connect to NATS at {}: {error}", config.url));
                 }
-                tokio::time::sleep(STOP_CHECK).await;
+                tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
             }
         }
     };
@@ -109,56 +141,8 @@ async fn connect(
                         config.stream, config.url
                     ));
                 }
-                tokio::time::sleep(STOP_CHECK).await;
+                tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
             }
         }
-    }
-}
-
-/// Where the stream's chain ends: its last message, if any.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChainEnd {
-    /// The last message's envelope.
-    pub envelope: Envelope,
-    /// Its stream sequence.
-    pub stream_seq: u64,
-}
-
-impl ChainEnd {
-    /// The event seq after the last published batch (None after a reset).
-    pub fn next_event_seq(&self) -> Option<u64> {
-        match self.envelope.kind {
-            Kind::Batch { last, .. } => Some(last + 1),
-            Kind::Reset => None,
-        }
-    }
-}
-
-/// Reads the last message of the stream (None when the stream is empty).
-async fn chain_end(
-    stream: &stream::Stream,
-    config: &NatsConfig,
-) -> Result<Option<ChainEnd>, String> {
-    match stream
-        .get_last_raw_message_by_subject(&subject(config))
-        .await
-    {
-        Ok(message) => {
-            let envelope = Envelope::from_headers(Some(&message.headers)).map_err(|error| {
-                format!(
-                    "the last message of stream {} is not an efr message: {error}",
-                    config.stream
-                )
-            })?;
-            Ok(Some(ChainEnd {
-                envelope,
-                stream_seq: message.sequence,
-            }))
-        }
-        Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(error) => Err(format!(
-            "cannot read the last message of stream {}: {error}",
-            config.stream
-        )),
     }
 }

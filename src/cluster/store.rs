@@ -12,9 +12,19 @@
 //!   creates it. Two writers for a moment (a stalled holder) are harmless: both write the same
 //!   kind of snapshot and the pointer only moves forward.
 //!
+//! An object put cut off halfway (NATS or the writer gone) leaves chunk messages
+//! (`$O.<bucket>.C.<id>`) that no object's metadata names; nothing would ever delete them. The
+//! writer looks for such orphans when it takes the lock and after each snapshot, and purges
+//! an orphan once it has seen it unchanged (same chunk count) for at least the lock's
+//! lifetime: a put in progress adds chunks, and a writer stalled for longer has lost the lock.
+//! A snapshot is also read back whole before the pointer moves to it, so even a put whose
+//! chunks were purged under it (a writer stalled past that) is never pointed to.
+//!
 //! The buckets' streams (`KV_<bucket>`, `OBJ_<bucket>`) are created by hand, as the client's
 //! own bucket creation does not work against nats-server 2.9.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv, object_store, stream};
@@ -32,6 +42,10 @@ pub const POINTER_KEY: &str = "snapshot";
 pub const LOCK_KEY: &str = "writer";
 /// Object chunk size.
 const CHUNK_BYTES: usize = 1024 * 1024;
+/// Longest time a listing of the object store, or the read of one snapshot, may take: the
+/// client's listing and object reads wait for every message the stream says it holds, which
+/// after a nats-server crash it may fail to deliver; give up rather than hang the edge.
+const STORE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts to move the pointer when another writer moves it at the same time.
 const POINTER_ATTEMPTS: usize = 3;
 /// The server's default duplicate window; a bucket with shorter-lived entries gets theirs.
@@ -112,10 +126,16 @@ pub struct SnapshotStore {
     pointers: kv::Store,
     locks: kv::Store,
     objects: object_store::ObjectStore,
+    /// The object store's stream (`OBJ_<bucket>`).
+    objects_stream: stream::Stream,
+    /// The object store's name.
+    bucket: String,
+    /// Chunk subjects no object names: their chunk count, and when first seen so.
+    orphans: Mutex<HashMap<String, (usize, Instant)>>,
 }
 
 /// Opens a key-value bucket, creating its stream first when it does not exist.
-async fn key_value(
+pub(super) async fn key_value(
     context: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
@@ -163,7 +183,7 @@ impl SnapshotStore {
         )
         .await?;
         let bucket = format!("{stream}-graph");
-        context
+        let objects_stream = context
             .get_or_create_stream(stream::Config {
                 name: format!("OBJ_{bucket}"),
                 subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
@@ -184,6 +204,9 @@ impl SnapshotStore {
             pointers,
             locks,
             objects,
+            objects_stream,
+            bucket,
+            orphans: Mutex::default(),
         })
     }
 
@@ -208,16 +231,7 @@ impl SnapshotStore {
         let Some((pointer, _)) = self.pointer().await? else {
             return Ok(None);
         };
-        let mut object = self
-            .objects
-            .get(&pointer.object)
-            .await
-            .map_err(|error| format!("cannot open snapshot {}: {error}", pointer.object))?;
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|error| format!("cannot read snapshot {}: {error}", pointer.object))?;
+        let bytes = self.read_object(&pointer.object).await?;
         let snapshot = GraphSnapshot::decode(&bytes)
             .map_err(|error| format!("snapshot {}: {error}", pointer.object))?;
         let sum = checksum(&bytes[..bytes.len() - 8]);
@@ -231,7 +245,33 @@ impl SnapshotStore {
         Ok(Some((pointer, snapshot)))
     }
 
-    /// Stores a snapshot whole, then moves the pointer to it unless the pointer already names
+    /// The bytes of the object `name`.
+    async fn read_object(&self, name: &str) -> Result<Vec<u8>, String> {
+        tokio::time::timeout(STORE_READ_TIMEOUT, self.read_object_untimed(name))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "reading snapshot {name} took over {} s",
+                    STORE_READ_TIMEOUT.as_secs()
+                ))
+            })
+    }
+
+    async fn read_object_untimed(&self, name: &str) -> Result<Vec<u8>, String> {
+        let mut object = self
+            .objects
+            .get(name)
+            .await
+            .map_err(|error| format!("cannot open snapshot {name}: {error}"))?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|error| format!("cannot read snapshot {name}: {error}"))?;
+        Ok(bytes)
+    }
+
+    /// Stores a snapshot whole, reads it back, then moves the pointer to it unless the pointer already names
     /// a snapshot as new or newer, then deletes all but the newest [`KEEP_SNAPSHOTS`]. Returns
     /// the new pointer (None: a newer snapshot was there).
     pub async fn write(&self, snapshot: &GraphSnapshot) -> Result<Option<Pointer>, String> {
@@ -246,6 +286,11 @@ impl SnapshotStore {
             .put(meta, &mut bytes.as_slice())
             .await
             .map_err(|error| format!("cannot store snapshot {name}: {error}"))?;
+        if self.read_object(&name).await? != bytes {
+            return Err(format!(
+                "snapshot {name} reads back different from what was stored; not pointed to"
+            ));
+        }
         let pointer = Pointer {
             stream_seq: snapshot.stream_seq,
             event_seq: snapshot.event_seq,
@@ -295,19 +340,65 @@ impl SnapshotStore {
         Ok(())
     }
 
+    /// Purges the chunks of cut-off puts: chunk subjects that no object names and that were
+    /// seen so, with the same chunk count, at least `grace` ago. Remembers the others for the
+    /// next call. Returns the chunk messages purged.
+    pub async fn purge_orphan_chunks(&self, grace: Duration) -> Result<u64, String> {
+        let named: std::collections::HashSet<String> = self
+            .objects_listed()
+            .await?
+            .into_iter()
+            .map(|info| info.nuid)
+            .collect();
+        let prefix = format!("$O.{}.C.", self.bucket);
+        let mut subjects = self
+            .objects_stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|error| format!("cannot list snapshot chunks: {error}"))?;
+        let mut unnamed = HashMap::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, chunks) =
+                entry.map_err(|error| format!("cannot list snapshot chunks: {error}"))?;
+            let nuid = subject.strip_prefix(&prefix).unwrap_or(&subject);
+            if !named.contains(nuid) {
+                unnamed.insert(subject, chunks);
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            orphans.retain(|subject, (chunks, _)| unnamed.get(subject) == Some(chunks));
+            for (subject, chunks) in unnamed {
+                orphans.entry(subject).or_insert((chunks, now));
+            }
+            orphans
+                .iter()
+                .filter(|(_, (_, seen))| now.duration_since(*seen) >= grace)
+                .map(|(subject, _)| subject.clone())
+                .collect()
+        };
+        let mut purged = 0;
+        for subject in due {
+            let response = self
+                .objects_stream
+                .purge()
+                .filter(subject.clone())
+                .await
+                .map_err(|error| format!("cannot purge orphan chunks {subject}: {error}"))?;
+            purged += response.purged;
+            self.orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&subject);
+        }
+        Ok(purged)
+    }
+
     /// The stream seqs of the snapshot objects in the store, newest first.
     pub async fn object_seqs(&self) -> Result<Vec<u64>, String> {
-        let mut list = self
-            .objects
-            .list()
-            .await
-            .map_err(|error| format!("cannot list snapshots: {error}"))?;
         let mut seqs = Vec::new();
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
-            if info.deleted {
-                continue;
-            }
+        for info in self.objects_listed().await? {
             if let Some(seq) = info
                 .name
                 .strip_prefix("graph-")
@@ -318,6 +409,33 @@ impl SnapshotStore {
         }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         Ok(seqs)
+    }
+
+    /// Every object in the store that is not deleted.
+    async fn objects_listed(&self) -> Result<Vec<object_store::ObjectInfo>, String> {
+        let listing = async {
+            let mut list = self
+                .objects
+                .list()
+                .await
+                .map_err(|error| format!("cannot list snapshots: {error}"))?;
+            let mut infos = Vec::new();
+            while let Some(info) = list.next().await {
+                let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
+                if !info.deleted {
+                    infos.push(info);
+                }
+            }
+            Ok(infos)
+        };
+        tokio::time::timeout(STORE_READ_TIMEOUT, listing)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "listing snapshots took over {} s",
+                    STORE_READ_TIMEOUT.as_secs()
+                ))
+            })
     }
 }
 
