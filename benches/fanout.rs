@@ -104,7 +104,7 @@ fn dense_100() -> Setup {
     let users = 1000u64;
     let mut router = Router::new(0, 1, usize::MAX);
     for user in 1..=100 {
-        router.register(user);
+        router.register(user, ());
     }
     let mut rng = Rng::new(0x5eed_0004);
     let mut follows = BatchBuilder::new(1);
@@ -130,7 +130,7 @@ fn heavy_tailed_10000() -> Setup {
     let users = 10_000u64;
     let mut router = Router::new(0, 1, usize::MAX);
     for user in 1..=users {
-        router.register(user);
+        router.register(user, ());
     }
     let zipf = Zipf::new(users);
     let mut rng = Rng::new(0x5eed_0005);

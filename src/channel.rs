@@ -21,7 +21,20 @@ use crate::doorbell::{doorbell, BellReadEnd, BellWaiter, Doorbell};
 
 /// Creates a bounded channel of `depth` messages with its receiver's doorbell.
 pub fn bounded<T>(depth: usize) -> std::io::Result<(Sender<T>, Receiver<T>)> {
-    let (sender, receiver) = flume::bounded(depth);
+    with_doorbell(flume::bounded(depth), depth / 2)
+}
+
+/// Creates a channel without a bound, with its receiver's doorbell: for rare messages that a
+/// sender must neither wait for room for nor drop (a shard's acknowledgement that it finished a
+/// session). [`Sender::try_send`] on it fails only when the receiver is gone.
+pub fn unbounded<T>() -> std::io::Result<(Sender<T>, Receiver<T>)> {
+    with_doorbell(flume::unbounded(), 0)
+}
+
+fn with_doorbell<T>(
+    (sender, receiver): (flume::Sender<T>, flume::Receiver<T>),
+    room_low_water: usize,
+) -> std::io::Result<(Sender<T>, Receiver<T>)> {
     let (bell, read_end) = doorbell()?;
     Ok((
         Sender {
@@ -32,7 +45,7 @@ pub fn bounded<T>(depth: usize) -> std::io::Result<(Sender<T>, Receiver<T>)> {
             inner: receiver,
             read_end,
             room_bell: None,
-            room_low_water: depth / 2,
+            room_low_water,
         },
     ))
 }

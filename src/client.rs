@@ -7,85 +7,20 @@
 //! requested by the shard (`ClientIo::close`) wakes the task; an abort also shuts the socket
 //! down, which fails a write that is waiting on a client that does not read.
 
-use std::cell::Cell;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::notify::Notify;
+use crate::client_io::{ClientIo, CloseMode};
 use crate::output_budget;
 use crate::router::{ClientId, IDLE_BUFFER_KEEP};
-use crate::shard::ShardState;
+use crate::shard_state::ShardState;
 use crate::stats::{Counters, Fault};
 use crate::tls::PeerStream;
 
 /// Bytes read (and discarded) at a time from a client.
 const DISCARD_BUFFER: usize = 4096;
-
-/// How a client's connection is to be closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseMode {
-    /// End of the event source session: write out what is pending, then close.
-    SessionEnd,
-    /// Server shutdown: write out what is pending, then close.
-    Shutdown,
-    /// Close now, dropping what is pending (peer gone, write error, backlog limit).
-    Abort,
-}
-
-/// What the shard and the client's tasks share about one connection.
-#[derive(Debug)]
-pub struct ClientIo {
-    /// Wakes the writer: new output, or a close request.
-    pub wake: Notify,
-    close: Cell<Option<CloseMode>>,
-    /// Set by the writer once the socket is shut down; its descriptor may be reused after.
-    finished: Cell<bool>,
-    /// Set when the client is closed to give memory back: the writer then returns freed
-    /// memory to the system as it ends.
-    pub release_memory_on_exit: Cell<bool>,
-    fd: RawFd,
-}
-
-impl ClientIo {
-    /// The handle of a connection whose writer owns descriptor `fd`.
-    pub fn new(fd: RawFd) -> Self {
-        ClientIo {
-            wake: Notify::default(),
-            close: Cell::new(None),
-            finished: Cell::new(false),
-            release_memory_on_exit: Cell::new(false),
-            fd,
-        }
-    }
-
-    /// Asks the writer to close the connection. An abort also shuts the socket down at once,
-    /// which fails a write that is waiting on a client that does not read.
-    pub fn close(&self, mode: CloseMode) {
-        if self.finished.get() {
-            return;
-        }
-        match (self.close.get(), mode) {
-            (Some(CloseMode::Abort), _) => return,
-            (Some(_), CloseMode::SessionEnd | CloseMode::Shutdown) => return,
-            _ => {}
-        }
-        self.close.set(Some(mode));
-        if mode == CloseMode::Abort {
-            shutdown_socket(self.fd);
-        }
-        self.wake.notify();
-    }
-}
-
-fn shutdown_socket(fd: RawFd) {
-    // SAFETY: plain syscall on a descriptor the writer still owns (checked by `finished`).
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
-    }
-}
 
 /// Serves one client until it is closed: writes its pending output, one coalesced write at a
 /// time, and while there is nothing to write, reads and discards what the client sends so
@@ -113,12 +48,12 @@ pub async fn serve(
     let mut input = InputBudget::new(config.max_client_input_rate);
     let mut peer_sending = true;
     loop {
-        if io.close.get() == Some(CloseMode::Abort) {
+        if io.close_requested() == Some(CloseMode::Abort) {
             break;
         }
         state.router.borrow_mut().take_pending(client, &mut buffer);
         if buffer.is_empty() {
-            if io.close.get().is_some() {
+            if io.close_requested().is_some() {
                 break;
             }
             // Idle: wait for new output or a close request, and meanwhile watch the peer.
@@ -162,7 +97,7 @@ pub async fn serve(
                     Counters::add(&counters.clients_half_closed, 1);
                 }
                 Idle::PeerGone => {
-                    if io.close.get().is_none() {
+                    if io.close_requested().is_none() {
                         Counters::add(&counters.clients_closed_by_peer, 1);
                         state.router.borrow_mut().detach(client);
                     }
@@ -175,7 +110,7 @@ pub async fn serve(
             Ok(()) => Counters::add(&counters.bytes_written, buffer.len() as u64),
             Err(error) => {
                 // A client already being closed was counted under that reason.
-                if io.close.get().is_none() {
+                if io.close_requested().is_none() {
                     let user = state.router.borrow().user_of(client);
                     if error.kind() == std::io::ErrorKind::TimedOut {
                         Counters::add(&counters.clients_closed_write_timeout, 1);
@@ -209,7 +144,7 @@ pub async fn serve(
     }
     if tracing::enabled!(tracing::Level::DEBUG) {
         let user = state.router.borrow().user_of(client);
-        let why = match io.close.get() {
+        let why = match io.close_requested() {
             Some(CloseMode::SessionEnd) => "end of the source session",
             Some(CloseMode::Shutdown) => "shutdown",
             Some(CloseMode::Abort) => "closed by the server",
@@ -217,15 +152,13 @@ pub async fn serve(
         };
         tracing::debug!("client of user {user} closed: {why}");
     }
-    shutdown_socket(io.fd);
-    io.finished.set(true);
+    // Whoever waits for this writer to end runs after this function returns: nothing below
+    // awaits.
+    io.finish();
     drop(stream);
     drop(buffer);
     state.router.borrow_mut().free(client);
     output_budget::publish(&state);
-    if let Some(slot) = state.ios.borrow_mut().get_mut(client as usize) {
-        *slot = None;
-    }
     Counters::sub(&counters.clients_open, 1);
     let live = state.live_writers.get() - 1;
     state.live_writers.set(live);

@@ -4,7 +4,8 @@
 //! each line, the [`resequencer`] puts events back in order, and every ordered [`batch`] goes to
 //! every [`shard`] over a bounded channel. Each shard's [`router`] applies the batch to its slice
 //! of the follow graph and appends notifications to its clients' output, which the [`client`]
-//! tasks write out. The [`acceptor`] hands each identified client to the shard that owns it.
+//! tasks write out; the state a shard shares with its client tasks is in [`shard_state`] and
+//! [`client_io`]. The [`acceptor`] hands each identified client to the shard that owns it.
 //! [`server::run`] starts it all; [`config`] holds every limit. efr-load, the load generator
 //! and verifier, is the crate in efr-load/ and shares no code with the server.
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod batch;
 pub mod channel;
 pub mod client;
+pub mod client_io;
 pub mod cluster;
 pub mod config;
 pub mod doorbell;
@@ -30,6 +32,7 @@ pub mod router;
 pub mod sequencer;
 pub mod server;
 pub mod shard;
+pub mod shard_state;
 pub mod shared;
 pub mod stats;
 pub mod stop;

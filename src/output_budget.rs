@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::client::CloseMode;
-use crate::shard::ShardState;
+use crate::client_io::CloseMode;
+use crate::shard_state::ShardState;
 use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 

@@ -2,6 +2,11 @@
 //! their pending output. Pure logic, no I/O: the shard task (`shard.rs`) feeds it ordered
 //! batches and writes out what it appends.
 //!
+//! Each client slot also carries a handle of the caller's choosing (`H`): the shard keeps its
+//! client's I/O handle there ([`crate::client_io::ClientIo`]), so a client lives in one place,
+//! taken with its slot at [`Router::register`] and dropped with it at [`Router::free`]; the
+//! tests and benchmarks use `()`.
+//!
 //! A shard owns the users whose id hashes to it ([`owner`]). It keeps the follow edges whose
 //! *follower* it owns, and beside them a fan-out index (followee -> connected local followers),
 //! so a status update costs one map lookup plus one append per notification, whatever the size
@@ -70,9 +75,11 @@ enum ClientState {
 }
 
 #[derive(Debug)]
-struct ClientSlot {
+struct ClientSlot<H> {
     user: u64,
     state: ClientState,
+    /// The caller's handle of this client, from `register` until `free`.
+    handle: Option<H>,
     pending: Vec<u8>,
     /// Bytes handed to the writer and not yet written.
     in_flight: usize,
@@ -92,9 +99,9 @@ struct Subscriber {
 /// memory.
 pub const IDLE_BUFFER_KEEP: usize = 256 * 1024;
 
-/// The routing state of one shard.
+/// The routing state of one shard; `H` is the handle each client slot carries.
 #[derive(Debug)]
-pub struct Router {
+pub struct Router<H = ()> {
     shard: usize,
     ownership: Ownership,
     /// follower (owned here) -> followees.
@@ -105,15 +112,15 @@ pub struct Router {
     subscriber_of: FastMap<u64, u32>,
     subscribers: Vec<Subscriber>,
     free_subscribers: Vec<u32>,
-    outputs: Outputs,
+    outputs: Outputs<H>,
     free_clients: Vec<ClientId>,
     open_clients: Vec<ClientId>,
 }
 
 /// Every client slot's pending output, and what appending to it records.
 #[derive(Debug)]
-struct Outputs {
-    clients: Vec<ClientSlot>,
+struct Outputs<H> {
+    clients: Vec<ClientSlot<H>>,
     max_backlog: usize,
     /// Clients whose pending output went from empty to non-empty since the last take.
     dirty: Vec<ClientId>,
@@ -127,7 +134,7 @@ struct Outputs {
     published: u64,
 }
 
-impl Outputs {
+impl<H> Outputs<H> {
     /// Appends one notification to an open client's pending output.
     #[inline]
     fn append(&mut self, client: ClientId, bytes: &[u8]) {
@@ -154,7 +161,7 @@ impl Outputs {
     }
 }
 
-impl Router {
+impl<H> Router<H> {
     /// The router of shard `shard` of `shards`, closing clients past `max_backlog` bytes.
     pub fn new(shard: usize, shards: usize, max_backlog: usize) -> Self {
         Router {
@@ -185,9 +192,9 @@ impl Router {
         self.ownership.owner(user) == self.shard
     }
 
-    /// Registers a new connection of `user` (owned by this shard); it receives every
-    /// notification of the batches applied from now on.
-    pub fn register(&mut self, user: u64) -> ClientId {
+    /// Registers a new connection of `user` (owned by this shard), carrying `handle`; it
+    /// receives every notification of the batches applied from now on.
+    pub fn register(&mut self, user: u64, handle: H) -> ClientId {
         debug_assert!(self.owns(user));
         let id = match self.free_clients.pop() {
             Some(id) => id,
@@ -195,6 +202,7 @@ impl Router {
                 self.outputs.clients.push(ClientSlot {
                     user,
                     state: ClientState::Free,
+                    handle: None,
                     pending: Vec::new(),
                     in_flight: 0,
                     in_flight_capacity: 0,
@@ -206,6 +214,7 @@ impl Router {
         let slot = &mut self.outputs.clients[id as usize];
         slot.user = user;
         slot.state = ClientState::Open;
+        slot.handle = Some(handle);
         slot.pending.clear();
         slot.in_flight = 0;
         debug_assert_eq!(slot.in_flight_capacity, 0);
@@ -269,7 +278,7 @@ impl Router {
         }
     }
 
-    /// Frees a detached client's slot (its writer is done with it).
+    /// Frees a detached client's slot (its writer is done with it), dropping its handle.
     pub fn free(&mut self, client: ClientId) {
         self.detach(client);
         let slot = &mut self.outputs.clients[client as usize];
@@ -277,12 +286,27 @@ impl Router {
             return;
         }
         slot.state = ClientState::Free;
+        slot.handle = None;
         let released = slot.pending.capacity() + slot.in_flight_capacity;
         slot.in_flight = 0;
         slot.in_flight_capacity = 0;
         slot.pending = Vec::new();
         self.outputs.memory -= released as u64;
         self.free_clients.push(client);
+    }
+
+    /// The handle of a client, until its slot is freed.
+    #[inline]
+    pub fn handle(&self, client: ClientId) -> Option<&H> {
+        self.outputs.clients.get(client as usize)?.handle.as_ref()
+    }
+
+    /// The handle of every client whose slot is not freed (open or still being written out).
+    pub fn handles(&self) -> impl Iterator<Item = &H> {
+        self.outputs
+            .clients
+            .iter()
+            .filter_map(|slot| slot.handle.as_ref())
     }
 
     /// The user of a client.
@@ -541,9 +565,9 @@ mod tests {
     #[test]
     fn each_event_type_notifies_the_right_users() {
         let mut router = Router::new(0, 1, 1 << 20);
-        let alice = router.register(1);
-        let bob = router.register(2);
-        let carol = router.register(3);
+        let alice = router.register(1, ());
+        let bob = router.register(2, ());
+        let carol = router.register(3, ());
         router.apply(&batch(&[
             "1|F|1|2",  // 1 follows 2: 2 notified
             "2|F|3|2",  // 3 follows 2: 2 notified
@@ -567,7 +591,7 @@ mod tests {
     #[test]
     fn follow_twice_is_once_and_unknown_unfollow_changes_nothing() {
         let mut router = Router::new(0, 1, 1 << 20);
-        let follower = router.register(1);
+        let follower = router.register(1, ());
         router.apply(&batch(&["1|F|1|2", "2|F|1|2", "3|U|1|7", "4|S|2"]));
         assert_eq!(output(&mut router, follower), "4|S|2\n");
     }
@@ -576,13 +600,13 @@ mod tests {
     fn edges_exist_before_the_follower_connects_and_after_it_leaves() {
         let mut router = Router::new(0, 1, 1 << 20);
         router.apply(&batch(&["1|F|1|2"]));
-        let first = router.register(1);
+        let first = router.register(1, ());
         router.apply(&batch(&["2|S|2"]));
         assert_eq!(output(&mut router, first), "2|S|2\n");
         router.detach(first);
         router.free(first);
         router.apply(&batch(&["3|S|2"]));
-        let again = router.register(1);
+        let again = router.register(1, ());
         router.apply(&batch(&["4|S|2"]));
         assert_eq!(output(&mut router, again), "4|S|2\n");
     }
@@ -590,8 +614,8 @@ mod tests {
     #[test]
     fn two_connections_of_one_user_both_receive() {
         let mut router = Router::new(0, 1, 1 << 20);
-        let phone = router.register(5);
-        let laptop = router.register(5);
+        let phone = router.register(5, ());
+        let laptop = router.register(5, ());
         router.apply(&batch(&["1|P|1|5", "2|F|5|9", "3|S|9"]));
         router.detach(phone);
         router.apply(&batch(&["4|S|9", "5|P|1|5"]));
@@ -611,7 +635,7 @@ mod tests {
         let mut clients = Vec::new();
         for user in 1..=20u64 {
             let owner = Ownership::new(shards).owner(user);
-            clients.push((user, owner, routers[owner].register(user)));
+            clients.push((user, owner, routers[owner].register(user, ())));
         }
         let mut lines = Vec::new();
         let mut seq = 0;
@@ -663,7 +687,7 @@ mod tests {
         let clients: Vec<(u64, usize, ClientId)> = (1..=4)
             .map(|user| {
                 let owner = ownership.owner(user);
-                (user, owner, new[owner].register(user))
+                (user, owner, new[owner].register(user, ()))
             })
             .collect();
         for router in &mut new {
@@ -682,9 +706,32 @@ mod tests {
     }
 
     #[test]
+    fn a_client_slot_carries_its_handle_until_it_is_freed() {
+        let handle = std::rc::Rc::new(());
+        let mut router: Router<std::rc::Rc<()>> = Router::new(0, 1, 1 << 20);
+        let first = router.register(1, handle.clone());
+        let second = router.register(2, handle.clone());
+        assert_eq!(std::rc::Rc::strong_count(&handle), 3);
+        assert!(router.handle(first).is_some());
+        router.detach(first);
+        assert!(router.handle(first).is_some(), "kept while its writer ends");
+        assert_eq!(router.handles().count(), 2);
+        router.free(first);
+        assert!(router.handle(first).is_none());
+        assert_eq!(router.handles().count(), 1);
+        assert_eq!(std::rc::Rc::strong_count(&handle), 2);
+        let reused = router.register(3, handle.clone());
+        assert_eq!(reused, first, "a freed slot is reused");
+        router.free(second);
+        router.free(reused);
+        assert_eq!(std::rc::Rc::strong_count(&handle), 1);
+        assert!(router.handle(99).is_none());
+    }
+
+    #[test]
     fn backlog_limit_flags_a_client_once_and_dirty_lists_each_client_once() {
         let mut router = Router::new(0, 1, 10);
-        let slow = router.register(1);
+        let slow = router.register(1, ());
         router.apply(&batch(&["1|P|2|1", "2|P|2|1", "3|P|2|1"]));
         let mut list = Vec::new();
         router.take_dirty(&mut list);
@@ -699,8 +746,8 @@ mod tests {
     #[test]
     fn output_memory_follows_every_buffer_and_ranks_backlogs() {
         let mut router = Router::new(0, 1, 1 << 20);
-        let small = router.register(1);
-        let large = router.register(2);
+        let small = router.register(1, ());
+        let large = router.register(2, ());
         router.apply(&batch(&["1|P|9|1", "2|P|9|2", "3|P|9|2", "4|P|9|2"]));
         let counted = router.output_memory();
         assert!(counted >= 4 * 8, "{counted}");

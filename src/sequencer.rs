@@ -8,6 +8,7 @@
 //! the sequencer stops reading, and TCP pushes back on the source.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use crate::protocol::{parse_event, EventKind, LineError};
 use crate::reactor::reactor_pass;
 use crate::resequencer::{Admission, Resequencer};
 use crate::router::Ownership;
-use crate::shard::ShardCommand;
+use crate::shard::{SessionFinished, ShardCommand};
 use crate::shared::Shared;
 use crate::stats::{excerpt, Counters, Fault};
 use crate::tls::{self, PeerStream};
@@ -54,6 +55,9 @@ pub struct Sequencer {
     pub resume_at: Cell<Option<u64>>,
     /// Notified when a session ends (`session_active` turns false).
     pub session_ended: Notify,
+    /// Whether [`log_finished_sessions`] logs each session's end once the shards have written
+    /// out their clients' output (false when no shard runs here, as on a cluster ingest).
+    pub finished_sessions_reported: Cell<bool>,
     /// Which shard owns which user, to send each batch only where it matters.
     ownership: Ownership,
 }
@@ -86,6 +90,7 @@ impl Sequencer {
             session_active: Cell::new(false),
             resume_at: Cell::new(None),
             session_ended: Notify::default(),
+            finished_sessions_reported: Cell::new(false),
         }
     }
 
@@ -379,11 +384,50 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
     }
     sequencer.send_batch(final_batch, &mut pool).await;
     sequencer.broadcast(|| ShardCommand::EndSession).await;
+    if sequencer.finished_sessions_reported.get() {
+        tracing::info!("event source closed; writing out the clients' output");
+    } else {
+        log_session_ended(&shared);
+    }
+    end_session(&sequencer);
+}
+
+fn log_session_ended(shared: &Shared) {
     tracing::info!(
         "event source closed; session ended ({})",
-        counters.summary()
+        shared.counters.summary()
     );
-    end_session(&sequencer);
+}
+
+/// Logs the end of each session, with the counters, once every one of the `shards` shards has
+/// acknowledged it ([`crate::shard::SessionFinished`]): every client's output written out or
+/// the client aborted at the deadline, so the notification and byte counters are final.
+/// Sessions are logged in order; a shard still writing out an old session delays the log of
+/// the later ones, never the sessions themselves.
+pub async fn log_finished_sessions(
+    shared: Arc<Shared>,
+    finished: channel::Receiver<SessionFinished>,
+    shards: usize,
+) {
+    let mut finished = finished.attach();
+    // Acknowledgements of session `next + i` at index i.
+    let mut acknowledged: VecDeque<usize> = VecDeque::new();
+    let mut next: SessionFinished = 1;
+    while let Some(session) = finished.recv().await {
+        let Some(offset) = session.checked_sub(next) else {
+            continue;
+        };
+        let offset = offset as usize;
+        if acknowledged.len() <= offset {
+            acknowledged.resize(offset + 1, 0);
+        }
+        acknowledged[offset] += 1;
+        while acknowledged.front() == Some(&shards) {
+            acknowledged.pop_front();
+            next += 1;
+            log_session_ended(&shared);
+        }
+    }
 }
 
 fn end_session(sequencer: &Sequencer) {

@@ -28,7 +28,7 @@ use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
 use crate::sequencer::{self, Sequencer};
-use crate::shard::{self, ShardCommand};
+use crate::shard::{self, SessionFinished, ShardCommand};
 use crate::shared::Shared;
 use crate::stats::{Counters, FaultLog};
 use crate::stop::StopRequest;
@@ -189,6 +189,9 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     if role == Role::Edge {
         cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
     }
+    // Each shard tells executor 0 when it has finished a session (its clients' output written).
+    let (finished_sender, finished_receiver) = channel::unbounded::<SessionFinished>()?;
+    let shard_count = receivers.iter().flatten().count();
     let (stop_bell, stop_read_end) = doorbell()?;
     shared.config.stop.ring_on_request(stop_bell);
     // One accept thread per bound listener, handing connections to executor 0.
@@ -219,6 +222,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         resume_at,
         room: room_read_end,
         stop: stop_read_end,
+        finished: (finished_receiver, shard_count),
     });
     let mut executors = Vec::with_capacity(cores);
     // Each executor reports once it runs; one whose io_uring could not be set up ends at once,
@@ -239,6 +243,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             .io_memory(shared.config.io_memory)
             .preempt_timer(PREEMPT_TIMER);
         let started = started.clone();
+        let finished = finished_sender.clone();
         let handle = builder
             .spawn(move || async move {
                 let _ = started.send(index);
@@ -254,7 +259,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                             if let Some(front) = front {
                                 front.detach();
                             }
-                            shard::run(index, shared, receiver).await;
+                            shard::run(index, shared, receiver, finished).await;
                         }
                         (None, Some(front)) => front.await,
                         (None, None) => {}
@@ -268,6 +273,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         executors.push(handle);
     }
     drop(started);
+    drop(finished_sender);
     let mut up = vec![false; executors.len()];
     while let Ok(index) = reports.recv() {
         up[index] = true;
@@ -337,6 +343,8 @@ struct Listeners {
     resume_at: Option<u64>,
     room: BellReadEnd,
     stop: BellReadEnd,
+    /// The shards' acknowledgements of finished sessions, and the number of shards.
+    finished: (channel::Receiver<SessionFinished>, usize),
 }
 
 /// Executor 0's front end: sequencer, acceptor, metrics, stop watcher, stats logger. Returns
@@ -367,6 +375,16 @@ fn start_front(
     drop(senders);
     sequencer.resume_at.set(listeners.resume_at);
     if let Some(events) = listeners.events {
+        let (finished, shards) = listeners.finished;
+        if shards > 0 {
+            sequencer.finished_sessions_reported.set(true);
+            glommio::spawn_local(sequencer::log_finished_sessions(
+                shared.clone(),
+                finished,
+                shards,
+            ))
+            .detach();
+        }
         glommio::spawn_local(sequencer::run(events, sequencer.clone())).detach();
     }
     if let Some(clients) = listeners.clients {

@@ -4,8 +4,12 @@
 //!
 //! The shard only ever appends to output buffers; writing is done by one writer task per
 //! client (`client.rs`), so a client that does not read never makes the shard wait.
+//!
+//! At the end of a session the shard acknowledges, on the channel it was given, once every
+//! client it closed for that session has written out its output (or was aborted at the
+//! deadline): only then are the session's counters final.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -15,11 +19,12 @@ use glommio::net::TcpStream;
 
 use crate::batch::OrderedBatch;
 use crate::channel;
-use crate::client::{self, ClientIo, CloseMode};
-use crate::notify::Notify;
+use crate::client;
+use crate::client_io::{ClientIo, CloseMode};
 use crate::output_budget;
 use crate::reactor::reactor_pass;
-use crate::router::{ClientId, Router};
+use crate::router::ClientId;
+use crate::shard_state::ShardState;
 use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 use crate::tls::PeerStream;
@@ -54,46 +59,23 @@ pub enum ShardCommand {
 /// Commands handled before the shard lets its writers run; bounds the wait of a writer.
 const COMMANDS_PER_TURN: usize = 16;
 
-/// The state of one shard, shared by its command loop and its client tasks.
-pub struct ShardState {
-    /// Routing state and output buffers.
-    pub router: RefCell<Router>,
-    /// The I/O handle of each client slot, by [`ClientId`].
-    pub ios: RefCell<Vec<Option<Rc<ClientIo>>>>,
-    /// Client tasks still running (writers), and a wake-up when it reaches zero.
-    pub live_writers: std::cell::Cell<usize>,
-    /// Notified when the last writer ends.
-    pub writers_done: Notify,
-    /// Server-wide configuration and counters.
-    pub shared: Arc<Shared>,
-}
-
-impl ShardState {
-    /// The I/O handle of a client, while its writer runs.
-    pub fn io(&self, client: ClientId) -> Option<Rc<ClientIo>> {
-        self.ios.borrow().get(client as usize).cloned().flatten()
-    }
-
-    /// Takes a client out of routing and asks its writer to close it.
-    pub fn close_client(&self, client: ClientId, mode: CloseMode) {
-        self.router.borrow_mut().detach(client);
-        if let Some(io) = self.io(client) {
-            io.close(mode);
-        }
-    }
-}
+/// What a shard sends when it has finished a session: the number of that session on this
+/// shard (1 for the first [`ShardCommand::EndSession`] it received, and so on). Every shard
+/// receives every `EndSession`, so the numbers agree across shards.
+pub type SessionFinished = u64;
 
 /// Runs shard `index` until it receives [`ShardCommand::Shutdown`] (or every sender is gone).
-pub async fn run(index: usize, shared: Arc<Shared>, commands: channel::Receiver<ShardCommand>) {
+/// Each session it finishes is acknowledged on `finished` (ignored when nobody listens).
+pub async fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    commands: channel::Receiver<ShardCommand>,
+    finished: channel::Sender<SessionFinished>,
+) {
     let mut commands = commands.attach();
-    let config = &shared.config;
-    let state = Rc::new(ShardState {
-        router: RefCell::new(Router::new(index, config.cores, config.max_client_backlog)),
-        ios: RefCell::new(Vec::new()),
-        live_writers: std::cell::Cell::new(0),
-        writers_done: Notify::default(),
-        shared: shared.clone(),
-    });
+    let state = Rc::new(ShardState::new(index, shared.clone()));
+    let finished = Rc::new(finished);
+    let sessions_ended = Cell::new(0);
     let mut dirty = Vec::new();
     let mut over_backlog = Vec::new();
     'commands: loop {
@@ -116,8 +98,15 @@ pub async fn run(index: usize, shared: Arc<Shared>, commands: channel::Receiver<
                 }
                 ShardCommand::Register { user, fd, tls } => register(&state, user, fd, tls),
                 ShardCommand::EndSession => {
-                    close_all(&state, CloseMode::SessionEnd);
+                    sessions_ended.set(sessions_ended.get() + 1);
+                    let closing = close_all(&state, CloseMode::SessionEnd);
                     state.router.borrow_mut().reset_graph();
+                    acknowledge_when_written(
+                        &state,
+                        closing,
+                        sessions_ended.get(),
+                        finished.clone(),
+                    );
                 }
                 ShardCommand::ExportGraph(reply) => {
                     let mut edges = Vec::new();
@@ -168,9 +157,9 @@ fn after_commands(state: &ShardState, dirty: &mut Vec<ClientId>, over_backlog: &
         state.close_client(client, CloseMode::Abort);
     }
     output_budget::enforce(state);
-    let ios = state.ios.borrow();
+    let router = state.router.borrow();
     for &client in dirty.iter() {
-        if let Some(Some(io)) = ios.get(client as usize) {
+        if let Some(io) = router.handle(client) {
             io.wake.notify();
         }
     }
@@ -187,21 +176,15 @@ fn register(
     let socket = unsafe { TcpStream::from_raw_fd(raw) };
     let _ = socket.set_nodelay(true);
     let stream = PeerStream::from_parts(socket, tls);
-    let client = state.router.borrow_mut().register(user);
     let io = Rc::new(ClientIo::new(stream.as_raw_fd()));
-    {
-        let mut ios = state.ios.borrow_mut();
-        if ios.len() <= client as usize {
-            ios.resize(client as usize + 1, None);
-        }
-        ios[client as usize] = Some(io.clone());
-    }
+    let client = state.router.borrow_mut().register(user, io.clone());
     Counters::add(&state.shared.counters.clients_registered, 1);
     state.live_writers.set(state.live_writers.get() + 1);
     glommio::spawn_local(client::serve(state.clone(), client, io, stream)).detach();
 }
 
-fn close_all(state: &ShardState, mode: CloseMode) {
+/// Closes every open client; returns the handles of those closed (their writers still run).
+fn close_all(state: &ShardState, mode: CloseMode) -> Vec<Rc<ClientIo>> {
     let open: Vec<ClientId> = state.router.borrow().open_clients().to_vec();
     let counter = match mode {
         CloseMode::Shutdown => &state.shared.counters.clients_closed_shutdown,
@@ -215,18 +198,48 @@ fn close_all(state: &ShardState, mode: CloseMode) {
         }
         state.close_client(client, mode);
     }
-    // A client that does not read must not hold its connection open for ever: whatever is
-    // still unwritten at the deadline is dropped.
-    if !closing.is_empty() && mode == CloseMode::SessionEnd {
-        let deadline = state.shared.config.shutdown_timeout;
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(deadline).await;
-            for io in closing {
-                io.close(CloseMode::Abort);
+    closing
+}
+
+/// Once every client in `closing` (closed for the end of session `session`) has ended, tells
+/// `finished`. A client that does not read must not hold its connection open for ever: what it
+/// has not taken by the deadline (`--shutdown-timeout-ms`) is dropped and it is aborted.
+///
+/// Runs as a task of its own, so the shard goes on with the next session meanwhile; it is
+/// spawned after the current turn's notifications were counted (`after_commands` runs before
+/// the shard yields), so the counters are final when it acknowledges.
+fn acknowledge_when_written(
+    state: &ShardState,
+    closing: Vec<Rc<ClientIo>>,
+    session: SessionFinished,
+    finished: Rc<channel::Sender<SessionFinished>>,
+) {
+    let deadline = state.shared.config.shutdown_timeout;
+    glommio::spawn_local(async move {
+        if !closing.is_empty() {
+            let all_ended = async {
+                for io in &closing {
+                    io.ended().await;
+                }
+                false
+            };
+            let late = async {
+                glommio::timer::sleep(deadline).await;
+                true
+            };
+            if futures_lite::future::or(all_ended, late).await {
+                for io in &closing {
+                    io.close(CloseMode::Abort);
+                }
+                for io in &closing {
+                    io.ended().await;
+                }
             }
-        })
-        .detach();
-    }
+        }
+        // Nobody listens on an edge of a cluster, which ends sessions on its own.
+        let _ = finished.try_send(session);
+    })
+    .detach();
 }
 
 /// Waits for every writer to finish, aborting the ones still writing after `deadline`.
@@ -249,7 +262,7 @@ async fn drain_writers(state: &Rc<ShardState>, deadline: Duration) {
     )
     .await;
     if late {
-        let ios: Vec<Rc<ClientIo>> = state.ios.borrow().iter().flatten().cloned().collect();
+        let ios: Vec<Rc<ClientIo>> = state.router.borrow().handles().cloned().collect();
         tracing::warn!(
             "shutdown deadline passed; aborting {} client writers",
             ios.len()

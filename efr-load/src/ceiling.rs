@@ -697,6 +697,12 @@ fn null_server_main(a: &NullServerArgs) -> anyhow::Result<()> {
         line_ending: LineEnding::Lf,
     };
     let server = NullServer::start_on(&w.cmd, settings, a.listen_event_port, a.listen_client_port)?;
+    if let Some(f) = &a.ports_file {
+        write_atomic(
+            f,
+            &format!("{} {}\n", server.event_port(), server.client_port()),
+        )?;
+    }
     let (mut ready, mut served) = (0, 0);
     while !stop.load(Ordering::Acquire) {
         if let Some(e) = server.error() {

@@ -573,23 +573,26 @@ fn run_ceiling(args: &CompareArgs, w: &WorkloadSpec, dir: &Path) -> anyhow::Resu
     let stem = file_stem(&w.label, CEILING_NAME);
     let ready = dir.join(format!("logs/{stem}.ready"));
     let stats = dir.join(format!("logs/{stem}.stats.json"));
-    for f in [&ready, &stats] {
+    let ports = dir.join(format!("logs/{stem}.ports"));
+    for f in [&ready, &stats, &ports] {
         let _ = std::fs::remove_file(f);
     }
+    // The ceiling binds ports the system picks and names them in its ports file.
     let spec = ServerSpec::new(
         CEILING_NAME,
         format!(
             "exec {} null-server --workload {} --lookahead-mib {} --ready-file {} \
-             --stats-file {} --listen-event-port {{event_port}} --listen-client-port {{client_port}}",
+             --stats-file {} --ports-file {}",
             shell_quote(&exe.display().to_string()),
             shell_quote(&w.spec),
             args.ceiling_lookahead_mib,
             shell_quote(&ready.display().to_string()),
             shell_quote(&stats.display().to_string()),
+            shell_quote(&ports.display().to_string()),
         ),
     );
     let is_ready = |run: usize| file_number(&ready) >= run as u64;
-    let mut row = run_server_with(args, w, &spec, dir, &is_ready)?;
+    let mut row = run_server_with(args, w, &spec, dir, &is_ready, Some(&ports))?;
     row.ceiling = std::fs::read_to_string(&stats)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
@@ -611,7 +614,18 @@ fn run_server(
     spec: &ServerSpec,
     dir: &Path,
 ) -> anyhow::Result<Row> {
-    run_server_with(args, w, spec, dir, &|_| true)
+    run_server_with(args, w, spec, dir, &|_| true, None)
+}
+
+/// The ports named in a ceiling's ports file (`EVENT_PORT CLIENT_PORT`), once it is written.
+fn ports_in(path: &Path) -> Option<Ports> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some(Ports {
+        event: ports.next()??,
+        client: ports.next()??,
+        metrics: None,
+    })
 }
 
 /// Starts the server, runs the workload (each run once `is_ready(run)`), stops the server.
@@ -621,8 +635,17 @@ fn run_server_with(
     spec: &ServerSpec,
     dir: &Path,
     is_ready: &dyn Fn(usize) -> bool,
+    ports_file: Option<&Path>,
 ) -> anyhow::Result<Row> {
-    let ports = Ports::free(spec.has_metrics())?;
+    // A server that names its own ports needs none reserved for it.
+    let mut ports = match ports_file {
+        Some(_) => Ports {
+            event: 0,
+            client: 0,
+            metrics: None,
+        },
+        None => Ports::free(spec.has_metrics())?,
+    };
     let mut command = spec
         .command
         .replace("{event_port}", &ports.event.to_string())
@@ -638,7 +661,13 @@ fn run_server_with(
     );
     let mut server = ServerProcess::spawn(&command, log)?;
     let mut outcomes = Vec::new();
-    let ready = server.wait_listening(&ports.all(), Duration::from_millis(args.start_timeout_ms));
+    let start_timeout = Duration::from_millis(args.start_timeout_ms);
+    let ready = match ports_file {
+        Some(file) => server.wait_ports_file(file, start_timeout).map(|named| {
+            ports = named;
+        }),
+        None => server.wait_listening(&ports.all(), start_timeout),
+    };
     match ready {
         Ok(()) => {
             for run in 1..=args.runs {
@@ -872,6 +901,26 @@ impl ServerProcess {
             std::thread::sleep(PORT_POLL);
         }
         Ok(())
+    }
+
+    /// Waits until the server names its ports in `file` (it writes them once they listen),
+    /// the server exits, or the timeout passes.
+    fn wait_ports_file(&mut self, file: &Path, timeout: Duration) -> anyhow::Result<Ports> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ports) = ports_in(file) {
+                return Ok(ports);
+            }
+            if let Some(status) = self.exited() {
+                anyhow::bail!("the server exited ({status}) before its ports listened");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the server did not name its ports in {} within {timeout:?}",
+                file.display()
+            );
+            std::thread::sleep(PORT_POLL);
+        }
     }
 
     /// Waits until every port listens, the server exits, or the timeout passes.
@@ -1229,6 +1278,23 @@ mod tests {
         assert!(servers.is_empty());
         assert_eq!(notes.len(), 2);
         assert!(notes[0].contains("efr-go") && notes[1].contains("fmaze-go"));
+    }
+
+    #[test]
+    fn a_ports_file_names_both_ports_or_nothing() {
+        let dir = std::env::temp_dir().join(format!("efr-ports-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ceiling.ports");
+        assert!(ports_in(&file).is_none(), "not written yet");
+        std::fs::write(&file, "4100").unwrap();
+        assert!(ports_in(&file).is_none(), "one port only");
+        std::fs::write(&file, "4100 4101\n").unwrap();
+        let ports = ports_in(&file).unwrap();
+        assert_eq!(
+            (ports.event, ports.client, ports.metrics),
+            (4100, 4101, None)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -631,12 +631,17 @@ pub struct NullServerArgs {
     /// The workload, as `efr-load compare --workloads` takes it (e.g. harness:1000000).
     #[arg(long)]
     pub workload: String,
-    /// Event port to listen on, 127.0.0.1.
-    #[arg(long)]
+    /// Event port to listen on, 127.0.0.1 (0: one the system picks, see --ports-file).
+    #[arg(long, default_value_t = 0)]
     pub listen_event_port: u16,
-    /// Client port to listen on, 127.0.0.1.
-    #[arg(long)]
+    /// Client port to listen on, 127.0.0.1 (0: one the system picks, see --ports-file).
+    #[arg(long, default_value_t = 0)]
     pub listen_client_port: u16,
+    /// Written with `EVENT_PORT CLIENT_PORT` once both ports listen: how `compare` learns the
+    /// ports the system picked, so no port is reserved, released and possibly taken by another
+    /// process before the ceiling binds it.
+    #[arg(long)]
+    pub ports_file: Option<std::path::PathBuf>,
     /// Output precomputed ahead of the source, MiB.
     #[arg(long, default_value_t = CEILING_LOOKAHEAD_BYTES >> 20)]
     pub lookahead_mib: u64,

@@ -204,6 +204,7 @@ pub struct Client {
     pub user: u64,
     pub stream: TcpStream,
     reader: Option<JoinHandle<Vec<u8>>>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Client {
@@ -215,16 +216,36 @@ impl Client {
             .unwrap();
         let mut read_half = stream.try_clone().unwrap();
         read_half.set_read_timeout(Some(TEST_DEADLINE)).unwrap();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = received.clone();
         let reader = std::thread::spawn(move || {
             let mut bytes = Vec::new();
-            let _ = read_half.read_to_end(&mut bytes);
+            let mut chunk = vec![0; 64 * 1024];
+            loop {
+                match read_half.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        bytes.extend_from_slice(&chunk[..n]);
+                        progress.store(bytes.len() as u64, Ordering::Release);
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                    // A timeout or a reset: what came so far is what the check compares.
+                    Err(_) => break,
+                }
+            }
             bytes
         });
         Client {
             user,
             stream,
             reader: Some(reader),
+            received,
         }
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
     }
 
     /// Waits for EOF (the server closes clients at source close) and returns all bytes.
