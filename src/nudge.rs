@@ -25,13 +25,13 @@
 //! latency-ring completion was consumed on the way). One plain thread, the guard, writes one
 //! byte to every executor every interval while the server is busy:
 //!
-//! * **busy** means: the shard channels were sent to in the last
+//! * **busy** means: a shard channel was sent to or a batch applied in the last
 //!   [`STALL_NUDGE_LINGER_ROUNDS`] intervals, or ordered batches wait unapplied, or a client
 //!   write is in progress (output waits for a client);
 //! * **idle**, the guard publishes that it parks, fences, looks once more, and parks with no
 //!   timeout. A sender to a shard channel ([`Activity::note`], called by
 //!   [`crate::channel::Sender`]) counts the send, fences and, only if the guard parked, unparks
-//!   it: a load per send while busy, never a syscall per event. The two fences make the
+//!   it: a relaxed add, a fence and a load per send while busy, never a syscall per event. The two fences make the
 //!   idle -> busy transition lossless (the doorbell's argument).
 //!
 //! # Rescues
