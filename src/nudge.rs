@@ -409,3 +409,99 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: both descriptors were just created and are owned here.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::stats::FaultLog;
+    use std::sync::mpsc;
+
+    /// A thread that publishes its id, then sleeps (blocked on a channel) or spins until told
+    /// to end.
+    fn helper(spin: bool) -> (i32, mpsc::Sender<()>, JoinHandle<()>) {
+        let (tid_sender, tid) = mpsc::channel();
+        let (end, ended) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_sender.send(unsafe { libc::gettid() }).unwrap();
+            if spin {
+                while ended.try_recv().is_err() {
+                    std::hint::spin_loop();
+                }
+            } else {
+                let _ = ended.recv();
+            }
+        });
+        (tid.recv().unwrap(), end, thread)
+    }
+
+    fn guard_with_batch_in_flight() -> Arc<StallGuard> {
+        let shared = Arc::new(Shared {
+            config: Config::ephemeral(2),
+            counters: Counters::default(),
+            faults: FaultLog::default(),
+        });
+        Counters::add(&shared.counters.batch_deliveries, 1);
+        StallGuard::new(shared, Duration::from_millis(10), 2)
+            .unwrap()
+            .0
+    }
+
+    fn wait_for_state(executor: &Executor, state: u8) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while thread_state(executor) != Some(state) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never saw state {}",
+                state as char
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn guard_watching(tids: [i32; 2]) -> Arc<StallGuard> {
+        let guard = guard_with_batch_in_flight();
+        for (executor, tid) in guard.executors.iter().zip(tids) {
+            executor.probe.tid.store(tid, Ordering::SeqCst);
+        }
+        guard
+    }
+
+    fn rescues(guard: &StallGuard) -> u64 {
+        guard
+            .shared
+            .counters
+            .executor_stall_rescues
+            .load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn every_executor_asleep_with_a_batch_waiting_is_a_rescue_and_one_running_is_not() {
+        let (asleep, end_asleep, asleep_thread) = helper(false);
+        let (other_asleep, end_other, other_thread) = helper(false);
+        let (spinning, end_spinning, spinning_thread) = helper(true);
+
+        // One executor thread runs: slowness, not a park.
+        let guard = guard_watching([asleep, spinning]);
+        wait_for_state(&guard.executors[0], b'S');
+        wait_for_state(&guard.executors[1], b'R');
+        guard.look_for_a_parked_executor(guard.progress());
+        assert_eq!(rescues(&guard), 0);
+
+        // Every executor thread asleep with the batch still waiting: a park, so the nudge
+        // that follows is a rescue.
+        let guard = guard_watching([asleep, other_asleep]);
+        wait_for_state(&guard.executors[0], b'S');
+        wait_for_state(&guard.executors[1], b'S');
+        guard.look_for_a_parked_executor(guard.progress());
+        assert_eq!(rescues(&guard), 1);
+
+        for end in [end_asleep, end_other, end_spinning] {
+            end.send(()).unwrap();
+        }
+        for thread in [asleep_thread, other_thread, spinning_thread] {
+            thread.join().unwrap();
+        }
+    }
+}
