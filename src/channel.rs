@@ -131,6 +131,11 @@ pub struct Receiver<T> {
 }
 
 impl<T> Receiver<T> {
+    /// The receiver's doorbell (for diagnostics: [`Doorbell::state_name`]).
+    pub fn bell(&self) -> &Arc<Doorbell> {
+        self.read_end.bell()
+    }
+
     /// Rings `room_bell` for senders waiting in a [`Room`] once a receive has brought the
     /// channel down to half its depth: a sender that found it full then refills half of it in
     /// one go, instead of waking (and waking the receiver's executor) for every slot.

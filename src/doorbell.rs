@@ -173,6 +173,15 @@ pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
 }
 
 impl Doorbell {
+    /// The waiter's state, for diagnostics: `awake`, `sleeping` or `rung-locally`.
+    pub fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::SeqCst) {
+            AWAKE => "awake",
+            SLEEPING => "sleeping",
+            _ => "rung-locally",
+        }
+    }
+
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
     /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
     pub fn ring(&self) {
@@ -235,6 +244,11 @@ pub struct BellWaiter {
 }
 
 impl BellReadEnd {
+    /// The shared half of this doorbell.
+    pub fn bell(&self) -> &Arc<Doorbell> {
+        &self.bell
+    }
+
     /// Makes the waiter; call it on the executor that waits (the socket joins its reactor).
     pub fn into_waiter(self) -> BellWaiter {
         // SAFETY: a connected Unix stream socket owned by `self`, handed to glommio.

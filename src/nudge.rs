@@ -56,8 +56,8 @@ use std::time::Duration;
 
 use futures_lite::AsyncReadExt;
 
-use crate::config::Role;
-pub use crate::config::STALL_NUDGE_LINGER_ROUNDS;
+use crate::config::{Role, STALL_NUDGE_LINGER_ROUNDS};
+use crate::doorbell::Doorbell;
 use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
@@ -183,6 +183,8 @@ pub struct StallGuard {
     interval: Duration,
     activity: Arc<Activity>,
     executors: Vec<Executor>,
+    /// The shards' command bells, named in the log of a stall.
+    shard_bells: OnceLock<Vec<Arc<Doorbell>>>,
     stop: AtomicBool,
 }
 
@@ -225,6 +227,7 @@ impl StallGuard {
             interval,
             activity,
             executors: lines,
+            shard_bells: OnceLock::new(),
             stop: AtomicBool::new(false),
         });
         Ok((guard, read_ends))
@@ -233,6 +236,11 @@ impl StallGuard {
     /// What the shard channels' senders call ([`crate::channel::Sender::noting_activity`]).
     pub fn activity(&self) -> &Arc<Activity> {
         &self.activity
+    }
+
+    /// Names the state of these bells (the shards' command bells) in the log of a stall.
+    pub fn watch_shard_bells(&self, bells: Vec<Arc<Doorbell>>) {
+        let _ = self.shard_bells.set(bells);
     }
 
     /// Starts the guard thread.
@@ -283,6 +291,8 @@ impl StallGuard {
     fn run(&self) {
         let mut last = self.progress();
         let mut quiet_rounds = 0;
+        // Rounds in a row that found the stall signature (the nudge in between did not end it).
+        let mut stalled_rounds = 0;
         loop {
             if self.activity.idle.load(Ordering::SeqCst) {
                 while self.activity.idle.load(Ordering::SeqCst) && !self.stopped() {
@@ -315,9 +325,14 @@ impl StallGuard {
                 last = now;
                 continue;
             }
-            if now.in_flight > 0 && now.applied == last.applied {
-                self.look_for_a_parked_executor(now);
-            }
+            stalled_rounds = if now.in_flight > 0
+                && now.applied == last.applied
+                && self.every_executor_asleep(now, stalled_rounds)
+            {
+                stalled_rounds + 1
+            } else {
+                0
+            };
             self.nudge_every_executor();
             Counters::add(&self.shared.counters.stall_nudge_rounds, 1);
             last = now;
@@ -328,28 +343,51 @@ impl StallGuard {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Batches have waited a whole interval with none applied: if every executor thread is
-    /// asleep (and nothing moved while the threads were read), the coming nudge is a rescue.
-    fn look_for_a_parked_executor(&self, before: Progress) {
+    /// Batches have waited a whole interval with none applied: whether every executor thread
+    /// is asleep (and nothing moved while the threads were read). The first such round is a
+    /// park the coming nudge ends (a rescue); the same state right after a nudge
+    /// (`stalled_rounds` > 0) is work the nudges do not resume: a lost wake-up.
+    fn every_executor_asleep(&self, before: Progress, stalled_rounds: u32) -> bool {
         for executor in &self.executors {
             // Running, runnable, or unknown: not the signature (the first such thread ends
             // the look, so a busy server pays about one read).
             if thread_state(executor) != Some(b'S') {
-                return;
+                return false;
             }
         }
         if self.progress().applied != before.applied {
-            return;
+            return false;
         }
-        Counters::add(&self.shared.counters.executor_stall_rescues, 1);
+        let counters = &self.shared.counters;
+        if stalled_rounds == 0 {
+            Counters::add(&counters.executor_stall_rescues, 1);
+        } else {
+            Counters::add(&counters.executor_stalls_unresolved, 1);
+        }
         self.shared.faults.warn(Fault::Stall, || {
-            format!(
-                "every executor was asleep while {} ordered batch(es) waited unapplied for over \
-                 {} ms (glommio parked an executor with work queued); nudged them awake",
-                before.in_flight,
-                self.interval.as_millis()
-            )
+            let bells: Vec<&str> = self
+                .shard_bells
+                .get()
+                .map(|bells| bells.iter().map(|bell| bell.state_name()).collect())
+                .unwrap_or_default();
+            if stalled_rounds == 0 {
+                format!(
+                    "every executor was asleep while {} ordered batch(es) waited unapplied for \
+                     over {} ms (glommio parked an executor with work queued); nudged them \
+                     awake (shard bells: {bells:?})",
+                    before.in_flight,
+                    self.interval.as_millis()
+                )
+            } else {
+                format!(
+                    "every executor still asleep after {stalled_rounds} nudge(s) while {} \
+                     ordered batch(es) wait unapplied: a wake-up was lost (shard bells: \
+                     {bells:?})",
+                    before.in_flight
+                )
+            }
         });
+        true
     }
 
     fn nudge_every_executor(&self) {
@@ -486,7 +524,7 @@ mod tests {
         let guard = guard_watching([asleep, spinning]);
         wait_for_state(&guard.executors[0], b'S');
         wait_for_state(&guard.executors[1], b'R');
-        guard.look_for_a_parked_executor(guard.progress());
+        assert!(!guard.every_executor_asleep(guard.progress(), 0));
         assert_eq!(rescues(&guard), 0);
 
         // Every executor thread asleep with the batch still waiting: a park, so the nudge
@@ -494,8 +532,13 @@ mod tests {
         let guard = guard_watching([asleep, other_asleep]);
         wait_for_state(&guard.executors[0], b'S');
         wait_for_state(&guard.executors[1], b'S');
-        guard.look_for_a_parked_executor(guard.progress());
+        assert!(guard.every_executor_asleep(guard.progress(), 0));
         assert_eq!(rescues(&guard), 1);
+        // Found again right after the nudge: not a park, a lost wake-up.
+        assert!(guard.every_executor_asleep(guard.progress(), 1));
+        assert_eq!(rescues(&guard), 1);
+        let unresolved = &guard.shared.counters.executor_stalls_unresolved;
+        assert_eq!(unresolved.load(Ordering::Relaxed), 1);
 
         for end in [end_asleep, end_other, end_spinning] {
             end.send(()).unwrap();

@@ -207,6 +207,15 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             }
         }
     }
+    if let Some(guard) = &stall_guard {
+        guard.watch_shard_bells(
+            receivers
+                .iter()
+                .flatten()
+                .map(|receiver| receiver.bell().clone())
+                .collect(),
+        );
+    }
     if role == Role::Edge {
         cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
     }

@@ -93,6 +93,7 @@ counters! {
     metrics_bad_requests: "counter", "Metrics requests for another path (404) or method (405), or unparseable (400).";
     stall_nudge_rounds: "counter", "Rounds of nudges written to every executor while the server was busy (--stall-nudge-ms).";
     executor_stall_rescues: "counter", "Nudges that found every executor asleep while ordered batches had waited unapplied: an executor parked with work queued, resumed by the nudge.";
+    executor_stalls_unresolved: "counter", "Nudge rounds that found that state again right after a nudge: queued work the nudges do not resume (a lost wake-up, not a park).";
     open_file_limit: "gauge", "The soft open-file limit the server runs with.";
     nats_last_applied_stream_seq: "gauge", "Edge: the last stream message applied (or loaded from a snapshot).";
     nats_consumer_lag: "gauge", "Edge: stream messages after the last applied one, as the consumer last saw them.";

@@ -222,6 +222,12 @@ struct HopStats {
 }
 
 fn run(cores: usize, seed: u64) {
+    // The stall guard logs what it finds (a park it ended, or a stall nudges do not end, with
+    // the shards' bell states); a failing run shows it.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
     let hops = hops_per_run();
     let strict = strict();
     let config = Config {
