@@ -43,6 +43,9 @@
 //! sequencer's while it waits for room), so that state is a parked executor. The nudge that
 //! follows is a rescue: counted in `executor_stall_rescues` and logged at most once a second.
 //! A park that begins and ends within one interval is ended by the nudge without being counted.
+//! The same state found again right after a nudge is not a park (the nudge ran every queue):
+//! a task waits for a wake-up that was lost. It is counted in `executor_stalls_unresolved` and
+//! logged with the state of every shard's command bell, for the next look at the cause.
 
 use std::cell::OnceCell;
 use std::fs::File;

@@ -385,6 +385,10 @@ fn run(cores: usize, seed: u64) {
         .executor_stall_rescues
         .load(Ordering::Relaxed);
     let nudge_rounds = server.counters().stall_nudge_rounds.load(Ordering::Relaxed);
+    let unresolved = server
+        .counters()
+        .executor_stalls_unresolved
+        .load(Ordering::Relaxed);
     server.stop_and_wait().unwrap();
 
     stats.micros.sort_unstable();
@@ -392,7 +396,7 @@ fn run(cores: usize, seed: u64) {
     eprintln!(
         "lost_wakeup: --cores {cores}: {hops} single-event batches in {:.1} s; hop p50 {} us, \
          p99 {} us, p99.9 {} us, max {} us; {} hops over {} ms (slowness, no stall); {} nudge \
-         rounds, {} stall rescues",
+         rounds, {} stall rescues, {} unresolved",
         run_time.as_secs_f64(),
         at(0.5),
         at(0.99),
@@ -401,7 +405,8 @@ fn run(cores: usize, seed: u64) {
         stats.slow,
         SLOW_HOP.as_millis(),
         nudge_rounds,
-        rescues
+        rescues,
+        unresolved
     );
 }
 
