@@ -99,6 +99,9 @@ struct ExecutorProbe {
     tid: AtomicI32,
     /// Client writes in progress on this executor (written by that executor only).
     writes_in_progress: AtomicU64,
+    /// Reads of nudges by this executor's nudge reader (written by that executor only): an
+    /// executor that is nudged but never reads is not running its tasks at all.
+    nudges_read: AtomicU64,
 }
 
 thread_local! {
@@ -166,14 +169,17 @@ impl NudgeReadEnd {
         self.probe.tid.store(tid, Ordering::SeqCst);
         let probe = self.probe.clone();
         LOCAL_PROBE.with(|local| {
-            let _ = local.set(probe);
+            let _ = local.set(probe.clone());
         });
         // SAFETY: a connected Unix stream socket owned by `self`, handed to glommio.
         let mut stream =
             unsafe { glommio::net::UnixStream::from_raw_fd(self.read_end.into_raw_fd()) };
         glommio::spawn_local(async move {
             let mut drain = [0u8; NUDGE_DRAIN];
-            while let Ok(1..) = stream.read(&mut drain).await {}
+            while let Ok(1..) = stream.read(&mut drain).await {
+                let reads = &probe.nudges_read;
+                reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
         })
         .detach();
     }
@@ -294,8 +300,10 @@ impl StallGuard {
     fn run(&self) {
         let mut last = self.progress();
         let mut quiet_rounds = 0;
-        // Rounds in a row that found the stall signature (the nudge in between did not end it).
+        // Rounds in a row that found the stall signature (the nudge in between did not end it),
+        // and each executor's nudge reads when it was first found.
         let mut stalled_rounds = 0;
+        let mut reads_at_stall = Vec::with_capacity(self.executors.len());
         loop {
             if self.activity.idle.load(Ordering::SeqCst) {
                 while self.activity.idle.load(Ordering::SeqCst) && !self.stopped() {
@@ -328,9 +336,13 @@ impl StallGuard {
                 last = now;
                 continue;
             }
+            if stalled_rounds == 0 {
+                reads_at_stall.clear();
+                reads_at_stall.extend(self.nudge_reads());
+            }
             stalled_rounds = if now.in_flight > 0
                 && now.applied == last.applied
-                && self.every_executor_asleep(now, stalled_rounds)
+                && self.every_executor_asleep(now, stalled_rounds, &reads_at_stall)
             {
                 stalled_rounds + 1
             } else {
@@ -350,7 +362,12 @@ impl StallGuard {
     /// is asleep (and nothing moved while the threads were read). The first such round is a
     /// park the coming nudge ends (a rescue); the same state right after a nudge
     /// (`stalled_rounds` > 0) is work the nudges do not resume: a lost wake-up.
-    fn every_executor_asleep(&self, before: Progress, stalled_rounds: u32) -> bool {
+    fn every_executor_asleep(
+        &self,
+        before: Progress,
+        stalled_rounds: u32,
+        reads_at_stall: &[u64],
+    ) -> bool {
         for executor in &self.executors {
             // Running, runnable, or unknown: not the signature (the first such thread ends
             // the look, so a busy server pays about one read).
@@ -382,15 +399,28 @@ impl StallGuard {
                     self.interval.as_millis()
                 )
             } else {
+                // An executor whose reader read none of these nudges did not run its tasks
+                // when woken; one that read them did, and the waiting task was not runnable.
+                let reads: Vec<u64> = self
+                    .nudge_reads()
+                    .zip(reads_at_stall.iter().chain(std::iter::repeat(&0)))
+                    .map(|(now, then)| now.wrapping_sub(*then))
+                    .collect();
                 format!(
                     "every executor still asleep after {stalled_rounds} nudge(s) while {} \
                      ordered batch(es) wait unapplied: a wake-up was lost (shard bells: \
-                     {bells:?})",
+                     {bells:?}; nudge reads per executor since: {reads:?})",
                     before.in_flight
                 )
             }
         });
         true
+    }
+
+    fn nudge_reads(&self) -> impl Iterator<Item = u64> + '_ {
+        self.executors
+            .iter()
+            .map(|executor| executor.probe.nudges_read.load(Ordering::Relaxed))
     }
 
     fn nudge_every_executor(&self) {
@@ -527,7 +557,7 @@ mod tests {
         let guard = guard_watching([asleep, spinning]);
         wait_for_state(&guard.executors[0], b'S');
         wait_for_state(&guard.executors[1], b'R');
-        assert!(!guard.every_executor_asleep(guard.progress(), 0));
+        assert!(!guard.every_executor_asleep(guard.progress(), 0, &[]));
         assert_eq!(rescues(&guard), 0);
 
         // Every executor thread asleep with the batch still waiting: a park, so the nudge
@@ -535,10 +565,10 @@ mod tests {
         let guard = guard_watching([asleep, other_asleep]);
         wait_for_state(&guard.executors[0], b'S');
         wait_for_state(&guard.executors[1], b'S');
-        assert!(guard.every_executor_asleep(guard.progress(), 0));
+        assert!(guard.every_executor_asleep(guard.progress(), 0, &[]));
         assert_eq!(rescues(&guard), 1);
         // Found again right after the nudge: not a park, a lost wake-up.
-        assert!(guard.every_executor_asleep(guard.progress(), 1));
+        assert!(guard.every_executor_asleep(guard.progress(), 1, &[0, 0]));
         assert_eq!(rescues(&guard), 1);
         let unresolved = &guard.shared.counters.executor_stalls_unresolved;
         assert_eq!(unresolved.load(Ordering::Relaxed), 1);
