@@ -18,6 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::doorbell::{doorbell, BellReadEnd, BellWaiter, Doorbell};
+use crate::nudge::Activity;
 
 /// Creates a bounded channel of `depth` messages with its receiver's doorbell.
 pub fn bounded<T>(depth: usize) -> std::io::Result<(Sender<T>, Receiver<T>)> {
@@ -40,6 +41,7 @@ fn with_doorbell<T>(
         Sender {
             inner: ManuallyDrop::new(sender),
             receiver_bell: bell,
+            activity: None,
         },
         Receiver {
             inner: receiver,
@@ -55,6 +57,8 @@ fn with_doorbell<T>(
 pub struct Sender<T> {
     inner: ManuallyDrop<flume::Sender<T>>,
     receiver_bell: Arc<Doorbell>,
+    /// Told of every send (the stall guard's busy signal), when set.
+    activity: Option<Arc<Activity>>,
 }
 
 impl<T> Clone for Sender<T> {
@@ -62,6 +66,7 @@ impl<T> Clone for Sender<T> {
         Sender {
             inner: ManuallyDrop::new((*self.inner).clone()),
             receiver_bell: self.receiver_bell.clone(),
+            activity: self.activity.clone(),
         }
     }
 }
@@ -76,10 +81,26 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Sender<T> {
+    /// Tells `activity` of every send of this sender and its clones (the shard channels tell
+    /// the stall guard, [`crate::nudge`], that the server is busy).
+    pub fn noting_activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
+    /// After a message was queued: rings the receiver and tells the activity watcher.
+    #[inline]
+    fn sent(&self) {
+        self.receiver_bell.ring();
+        if let Some(activity) = &self.activity {
+            activity.note();
+        }
+    }
+
     /// Sends without waiting; rings the receiver on success.
     pub fn try_send(&self, message: T) -> Result<(), flume::TrySendError<T>> {
         self.inner.try_send(message)?;
-        self.receiver_bell.ring();
+        self.sent();
         Ok(())
     }
 
@@ -89,7 +110,7 @@ impl<T> Sender<T> {
         if self.inner.send(message).is_err() {
             return false;
         }
-        self.receiver_bell.ring();
+        self.sent();
         true
     }
 
@@ -100,7 +121,7 @@ impl<T> Sender<T> {
         if self.inner.send_async(message).await.is_err() {
             return false;
         }
-        self.receiver_bell.ring();
+        self.sent();
         true
     }
 
@@ -123,6 +144,11 @@ pub struct Receiver<T> {
 }
 
 impl<T> Receiver<T> {
+    /// The receiver's doorbell (for diagnostics: [`Doorbell::state_name`]).
+    pub fn bell(&self) -> &Arc<Doorbell> {
+        self.read_end.bell()
+    }
+
     /// Rings `room_bell` for senders waiting in a [`Room`] once a receive has brought the
     /// channel down to half its depth: a sender that found it full then refills half of it in
     /// one go, instead of waking (and waking the receiver's executor) for every slot.

@@ -106,7 +106,10 @@ pub async fn serve(
             }
             continue;
         }
-        match stream.write_all(&buffer).await {
+        let writing = crate::nudge::WriteInProgress::begin();
+        let written = stream.write_all(&buffer).await;
+        drop(writing);
+        match written {
             Ok(()) => Counters::add(&counters.bytes_written, buffer.len() as u64),
             Err(error) => {
                 // A client already being closed was counted under that reason.

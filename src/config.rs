@@ -70,6 +70,15 @@ pub const DEFAULT_SHARD_QUEUE_DEPTH: usize = 64;
 pub const DEFAULT_IO_MEMORY_KIB: usize = 128;
 /// Upper bound for `--cores`.
 pub const MAX_CORES: usize = 256;
+/// While the server is busy, every executor is nudged (one byte on a socket its nudge task
+/// reads) this often, so that an executor glommio parked with runnable tasks resumes within
+/// this time (see `nudge.rs`). An idle server is never nudged. 0 turns nudging off.
+pub const DEFAULT_STALL_NUDGE_MS: u64 = 10;
+/// Nudge rounds the server goes on nudging after the last sign of work (a send to a shard, an
+/// applied batch, a batch in flight, a client write in progress) before it counts as idle and
+/// the nudging thread sleeps without a timer: 20 rounds of 10 ms, so a park that begins as the
+/// last batch is applied is still ended.
+pub const STALL_NUDGE_LINGER_ROUNDS: u32 = 20;
 /// NATS server a cluster node (`--role ingest|edge`) connects to.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// JetStream stream of a cluster; its subject is `<stream>.ev`.
@@ -220,6 +229,10 @@ pub struct Args {
     /// Log the counters every this many seconds (off when absent).
     #[arg(long, env = "EFR_STATS_INTERVAL")]
     pub stats_interval: Option<u64>,
+    /// Milliseconds between nudges of every executor while the server is busy: an executor
+    /// parked with runnable tasks resumes within this time. Never while idle; 0 turns it off.
+    #[arg(long, env = "EFR_STALL_NUDGE_MS", default_value_t = DEFAULT_STALL_NUDGE_MS)]
+    pub stall_nudge_ms: u64,
     /// Serve the counters in the Prometheus text format over HTTP on this address
     /// (e.g. 127.0.0.1:9100; off when absent).
     #[arg(long, env = "EFR_METRICS_ADDR")]
@@ -366,6 +379,8 @@ pub struct Config {
     pub io_memory: usize,
     /// Period of the stats log line, if any.
     pub stats_interval: Option<Duration>,
+    /// Period of the stall nudges while busy (`None`: off).
+    pub stall_nudge: Option<Duration>,
     /// Address of the Prometheus metrics endpoint, if any (port 0: ephemeral).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How clients identify: a bare id, or an id and a token.
@@ -638,6 +653,8 @@ impl Args {
             shard_queue_depth: self.shard_queue_depth,
             io_memory: self.io_memory_kib * 1024,
             stats_interval: self.stats_interval.map(Duration::from_secs),
+            stall_nudge: (self.stall_nudge_ms > 0)
+                .then(|| Duration::from_millis(self.stall_nudge_ms)),
             metrics_addr: self.metrics_addr,
             client_auth,
             source_allow: self.source_allow,

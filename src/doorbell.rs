@@ -65,8 +65,11 @@
 //!   efr sets to an hour (it is re-armed every time the executor polls I/O, so it fires only
 //!   if a task queue runs an hour without a break), and the timer armed for the nearest user
 //!   timer while the executor sleeps, which the first I/O poll after waking cancels before any
-//!   task runs (the cancel and its completion are handled inside that poll). So no completion
-//!   that could park a runnable executor reaches the latency ring.
+//!   task runs (the cancel and its completion are handled inside that poll). One race is left:
+//!   the kernel posts a timeout's completion through task work on the executor's thread, so
+//!   if that timeout expires on another CPU just as the cancel runs (the cancel then finds it
+//!   gone), its completion lands after the poll, possibly as `run_task_queues` starts, and can
+//!   park the executor. [`crate::nudge`] bounds that park while the server is busy.
 //! * **A wake that wakes nobody** (`should_notify` left set after a sleep recheck finds work,
 //!   so a later foreign wake writes the eventfd): efr makes no foreign wakes (no
 //!   `recv_async`/`send_async` across executors, no glommio waker crosses a thread), so the
@@ -76,8 +79,8 @@
 //! What is left: the argument rests on glommio 0.9's internals as read (ring assignment of
 //! sources, the eventfd check before sleeping). A future efr feature that puts a non-waking
 //! completion on the latency ring (a `peek`, an io_uring accept, a shorter preemption timer)
-//! would reopen the first trap; `tests/lost_wakeup.rs` is the regression test that watches
-//! for it.
+//! would make the first trap frequent (the nudges of [`crate::nudge`] still bound it);
+//! `tests/lost_wakeup.rs` is the regression test that watches for it.
 
 use std::cell::UnsafeCell;
 use std::future::Future;
@@ -170,6 +173,15 @@ pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
 }
 
 impl Doorbell {
+    /// The waiter's state, for diagnostics: `awake`, `sleeping` or `rung-locally`.
+    pub fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::SeqCst) {
+            AWAKE => "awake",
+            SLEEPING => "sleeping",
+            _ => "rung-locally",
+        }
+    }
+
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
     /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
     pub fn ring(&self) {
@@ -232,6 +244,11 @@ pub struct BellWaiter {
 }
 
 impl BellReadEnd {
+    /// The shared half of this doorbell.
+    pub fn bell(&self) -> &Arc<Doorbell> {
+        &self.bell
+    }
+
     /// Makes the waiter; call it on the executor that waits (the socket joins its reactor).
     pub fn into_waiter(self) -> BellWaiter {
         // SAFETY: a connected Unix stream socket owned by `self`, handed to glommio.

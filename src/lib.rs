@@ -24,6 +24,7 @@ pub mod line;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod nudge;
 pub mod output_budget;
 pub mod protocol;
 pub mod reactor;

@@ -27,6 +27,7 @@ use crate::doorbell::{doorbell, BellReadEnd};
 use crate::listener::{self, AcceptThread, ACCEPT_QUEUE_DEPTH};
 use crate::metrics;
 use crate::notify::Latch;
+use crate::nudge::{NudgeReadEnd, StallGuard};
 use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, SessionFinished, ShardCommand};
 use crate::shared::Shared;
@@ -60,6 +61,8 @@ pub struct RunningServer {
     accept_threads: Vec<AcceptThread>,
     /// A cluster role's NATS thread; its error ends the process with a failure.
     cluster_threads: Vec<std::thread::JoinHandle<Result<(), String>>>,
+    /// The thread that nudges the executors while the server is busy (`None`: nudges off).
+    stall_guard: Option<(Arc<StallGuard>, std::thread::JoinHandle<()>)>,
 }
 
 impl RunningServer {
@@ -85,6 +88,10 @@ impl RunningServer {
             if let Err(error) = executor.join() {
                 result = Err(std::io::Error::other(format!("executor failed: {error}")));
             }
+        }
+        if let Some((guard, thread)) = self.stall_guard {
+            guard.stop();
+            let _ = thread.join();
         }
         // A request (not only the flag): it also wakes the NATS threads.
         self.shared.config.stop.request();
@@ -160,6 +167,20 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     // Executor 0 sends to every shard and waits on one room bell when a channel is full;
     // every shard (or the ingest's publisher) rings it as it takes commands.
     let (room_bell, room_read_end) = doorbell()?;
+    // One nudge socket per executor (an ingest runs one), and every shard channel's sender
+    // tells the guard of its sends.
+    let executor_count = if role == Role::Ingest { 1 } else { cores };
+    let (stall_guard, mut nudge_ends) = match shared.config.stall_nudge {
+        Some(interval) => {
+            let (guard, ends) = StallGuard::new(shared.clone(), interval, executor_count)?;
+            (Some(guard), ends.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let noting = |sender: channel::Sender<ShardCommand>| match &stall_guard {
+        Some(guard) => sender.noting_activity(guard.activity().clone()),
+        None => sender,
+    };
     let mut cluster_threads = Vec::new();
     let mut resume_at = None;
     let mut senders = Vec::with_capacity(cores);
@@ -174,17 +195,26 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             )?;
             cluster_threads.push(publisher.thread);
             resume_at = publisher.resume_at;
-            senders.push(sender);
+            senders.push(noting(sender));
             receivers.push(None);
         }
         Role::All | Role::Edge => {
             for _ in 0..cores {
                 let (sender, receiver) =
                     channel::bounded::<ShardCommand>(shared.config.shard_queue_depth)?;
-                senders.push(sender);
+                senders.push(noting(sender));
                 receivers.push(Some(receiver.ringing_on_room(room_bell.clone())));
             }
         }
+    }
+    if let Some(guard) = &stall_guard {
+        guard.watch_shard_bells(
+            receivers
+                .iter()
+                .flatten()
+                .map(|receiver| receiver.bell().clone())
+                .collect(),
+        );
     }
     if role == Role::Edge {
         cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
@@ -238,6 +268,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         let shared = shared.clone();
         let senders = senders.clone();
         let listeners = if index == 0 { listeners.take() } else { None };
+        let nudge_end: Option<NudgeReadEnd> = nudge_ends.get_mut(index).and_then(Option::take);
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("efr-shard-{index}"))
             .io_memory(shared.config.io_memory)
@@ -246,6 +277,9 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         let finished = finished_sender.clone();
         let handle = builder
             .spawn(move || async move {
+                if let Some(nudge_end) = nudge_end {
+                    nudge_end.start_reader();
+                }
                 let _ = started.send(index);
                 drop(started);
                 // Everything runs as ordinary tasks of the default task queue; the executor's
@@ -289,6 +323,18 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
             executor_hint(&error)
         )));
     }
+    let stall_guard = match stall_guard {
+        Some(guard) => match guard.spawn() {
+            Ok(thread) => Some((guard, thread)),
+            Err(error) => {
+                shared.config.stop.request();
+                return Err(std::io::Error::other(format!(
+                    "cannot start the stall guard thread: {error}"
+                )));
+            }
+        },
+        None => None,
+    };
     Ok(RunningServer {
         event_addr,
         client_addr,
@@ -297,6 +343,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
         executors,
         accept_threads,
         cluster_threads,
+        stall_guard,
     })
 }
 

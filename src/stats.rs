@@ -93,6 +93,9 @@ counters! {
     metrics_refused: "counter", "Metrics connections closed at once because --metrics-max-connections were open.";
     metrics_timeouts: "counter", "Metrics connections closed because no whole request arrived in time.";
     metrics_bad_requests: "counter", "Metrics requests for another path (404) or method (405), or unparseable (400).";
+    stall_nudge_rounds: "counter", "Rounds of nudges written to every executor while the server was busy (--stall-nudge-ms).";
+    executor_stall_rescues: "counter", "Nudges that found every executor asleep while ordered batches had waited unapplied: an executor parked with work queued, resumed by the nudge.";
+    executor_stalls_unresolved: "counter", "Nudge rounds that found that state again right after a nudge: queued work the nudges do not resume (a lost wake-up, not a park).";
     open_file_limit: "gauge", "The soft open-file limit the server runs with.";
     nats_last_applied_stream_seq: "gauge", "Edge: the last stream message applied (or loaded from a snapshot).";
     nats_consumer_lag: "gauge", "Edge: stream messages after the last applied one, as the consumer last saw them.";
@@ -189,9 +192,11 @@ pub enum Fault {
     Tls,
     /// A NATS publish or consume problem (cluster roles).
     Cluster,
+    /// An executor found parked with work queued and resumed by a nudge.
+    Stall,
 }
 
-const FAULT_KINDS: usize = Fault::Cluster as usize + 1;
+const FAULT_KINDS: usize = Fault::Stall as usize + 1;
 
 /// At most one log line a second per [`Fault`] kind; the rest are counted as suppressed.
 #[derive(Debug)]

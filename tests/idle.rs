@@ -10,7 +10,9 @@
 //! The window is 5 s by default, 10 s with `EFR_IDLE_WINDOW_SECS=10` (the figure the README
 //! quotes). `stat` counts in clock ticks (10 ms), so over 5 s a single tick is already 0.2%:
 //! the CPU criterion is judged on `schedstat`, and `stat` must stay within one tick of it.
-//! `EFR_IDLE_BINARY=<path>` runs the same measurement on another build of the server.
+//! `EFR_IDLE_BINARY=<path>` runs the same measurement on another build of the server. The
+//! stall guard's nudges (`src/nudge.rs`) must not run while idle: its round counter must not
+//! move in the window.
 //!
 //! The cluster roles are measured the same way (needs nats-server): the NATS threads of an
 //! idle ingest and an idle edge, each under 10 context switches per second.
@@ -104,6 +106,14 @@ fn scrape(addr: SocketAddr) -> HashMap<String, u64> {
             Some((name.to_string(), value.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// The stall guard's nudge rounds so far (0 for a build without one).
+fn nudge_rounds_of(metrics: SocketAddr) -> u64 {
+    scrape(metrics)
+        .get("efr_stall_nudge_rounds")
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Per thread: (name, CPU ns from schedstat, context switches).
@@ -205,7 +215,22 @@ fn an_idle_server_with_clients_and_a_source_uses_no_cpu_and_does_not_wake() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the last scrape's connection close and everything settle.
+    // Taking the clients in made the server busy for a moment: wait until its stall guard
+    // stopped nudging (`--stall-nudge-ms`), then let the last scrape's connection close and
+    // everything settle.
+    let mut nudge_rounds = nudge_rounds_of(addresses.metrics);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = nudge_rounds_of(addresses.metrics);
+        if now == nudge_rounds {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stall guard went on nudging: {now} rounds"
+        );
+        nudge_rounds = now;
+    }
     std::thread::sleep(Duration::from_millis(500));
 
     let window = window();
@@ -259,6 +284,11 @@ fn an_idle_server_with_clients_and_a_source_uses_no_cpu_and_does_not_wake() {
              {MAX_SWITCHES_PER_SECOND})"
         );
     }
+    assert_eq!(
+        nudge_rounds_of(addresses.metrics),
+        nudge_rounds,
+        "the stall guard nudged the executors of an idle server"
+    );
     drop(connections);
 }
 

@@ -14,9 +14,12 @@
 //! at: the heavy readers are held (so no unrelated event can come and rescue a stalled
 //! executor) and the executor threads' scheduler states are sampled from
 //! `/proc/self/task/*/stat`. A stall is every executor thread asleep (`S`) for
-//! [`STALL_CONFIRM_DEFAULT`] (or `EFR_LOST_WAKEUP_STALL_MS`) while the hop's event is neither delivered nor in the client's socket:
-//! work is queued and nobody is going to run it. A loaded machine only delays a runnable
-//! thread (state `R`), which is slowness: the test waits (up to [`HOP_CAP`]) and counts it.
+//! [`STALL_CONFIRM_DEFAULT`] (250 ms, or `EFR_LOST_WAKEUP_STALL_MS`) while the hop's event is
+//! neither delivered nor in the client's socket: work is queued and nobody is going to run it.
+//! The server runs with its stall guard (`src/nudge.rs`: every executor nudged every 10 ms
+//! while busy), which bounds a park of glommio's own; `EFR_LOST_WAKEUP_NUDGE_MS=0` runs
+//! without it. A loaded machine only delays a runnable thread (state `R`), which is slowness:
+//! the test waits (up to [`HOP_CAP`]) and counts it.
 //! By hand, `EFR_LOST_WAKEUP_STRICT=1` fails on any hop over 50 ms, the plain criterion, which
 //! is meant for a quiet machine.
 //!
@@ -38,11 +41,18 @@ use efr::server::RunningServer;
 /// A hop slower than this is looked at by the watchdog (and fails in strict mode).
 const SLOW_HOP: Duration = Duration::from_millis(50);
 /// Every executor asleep for this long, with the hop still pending (and the heavy readers
-/// held, so nothing unrelated can rescue it), fails the test: a wake-up that was lost for good.
-/// `EFR_LOST_WAKEUP_STALL_MS` sets it (by hand: 250). A shorter all-asleep stall that ends by
-/// itself is printed, not failed: one of 255 ms was seen once on the merged code under load
-/// and is an open defect (README, "What is left").
-const STALL_CONFIRM_DEFAULT: Duration = Duration::from_millis(2_000);
+/// held, so nothing unrelated can rescue it), fails the test. The stall guard nudges every
+/// executor every [`NUDGE_DEFAULT`] while the server is busy (and it is: the held readers
+/// leave writes in progress), so an executor glommio parked with runnable tasks resumes
+/// within that; a pending hop that still sees every executor asleep this long is a wake-up
+/// lost in efr itself. `EFR_LOST_WAKEUP_STALL_MS` sets it. A shorter all-asleep stall is
+/// printed, not failed.
+const STALL_CONFIRM_DEFAULT: Duration = Duration::from_millis(250);
+/// The server's `--stall-nudge-ms` in this test; `EFR_LOST_WAKEUP_NUDGE_MS` sets it, and 0
+/// turns the nudges off to look for glommio's parks by hand (one of 255 ms was seen once on
+/// the merged code before the guard existed: run with nudges off and
+/// `EFR_LOST_WAKEUP_STALL_MS=2000` to see such parks reported instead of failed).
+const NUDGE_DEFAULT: Duration = Duration::from_millis(10);
 /// An all-asleep stall longer than this is reported on stderr.
 const STALL_REPORT: Duration = Duration::from_millis(100);
 
@@ -53,6 +63,15 @@ fn stall_confirm() -> Duration {
         .map(Duration::from_millis)
         .unwrap_or(STALL_CONFIRM_DEFAULT)
 }
+fn stall_nudge() -> Option<Duration> {
+    let nudge = std::env::var("EFR_LOST_WAKEUP_NUDGE_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(NUDGE_DEFAULT);
+    (!nudge.is_zero()).then_some(nudge)
+}
+
 /// Sampling period of the watchdog.
 const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// A hop that takes longer than this fails even if some executor stays runnable.
@@ -203,6 +222,12 @@ struct HopStats {
 }
 
 fn run(cores: usize, seed: u64) {
+    // The stall guard logs what it finds (a park it ended, or a stall nudges do not end, with
+    // the shards' bell states); a failing run shows it.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
     let hops = hops_per_run();
     let strict = strict();
     let config = Config {
@@ -210,6 +235,7 @@ fn run(cores: usize, seed: u64) {
         // A shallow queue: bursts fill it, so the sequencer's waits for room (the room bell)
         // are part of the run.
         shard_queue_depth: SHARD_QUEUE_DEPTH,
+        stall_nudge: stall_nudge(),
         ..Config::ephemeral(cores)
     };
     let server = efr::server::start(config).expect("server starts");
@@ -354,20 +380,33 @@ fn run(cores: usize, seed: u64) {
                 .unwrap_or(text.len().min(heavy_expected.len()))
         );
     }
+    let rescues = server
+        .counters()
+        .executor_stall_rescues
+        .load(Ordering::Relaxed);
+    let nudge_rounds = server.counters().stall_nudge_rounds.load(Ordering::Relaxed);
+    let unresolved = server
+        .counters()
+        .executor_stalls_unresolved
+        .load(Ordering::Relaxed);
     server.stop_and_wait().unwrap();
 
     stats.micros.sort_unstable();
     let at = |q: f64| stats.micros[((stats.micros.len() - 1) as f64 * q) as usize];
     eprintln!(
         "lost_wakeup: --cores {cores}: {hops} single-event batches in {:.1} s; hop p50 {} us, \
-         p99 {} us, p99.9 {} us, max {} us; {} hops over {} ms (slowness, no stall)",
+         p99 {} us, p99.9 {} us, max {} us; {} hops over {} ms (slowness, no stall); {} nudge \
+         rounds, {} stall rescues, {} unresolved",
         run_time.as_secs_f64(),
         at(0.5),
         at(0.99),
         at(0.999),
         stats.micros.last().unwrap(),
         stats.slow,
-        SLOW_HOP.as_millis()
+        SLOW_HOP.as_millis(),
+        nudge_rounds,
+        rescues,
+        unresolved
     );
 }
 
