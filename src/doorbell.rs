@@ -209,9 +209,7 @@ impl Doorbell {
             return;
         }
         fence(Ordering::SeqCst);
-        if self.state.load(Ordering::Relaxed) == SLEEPING
-            && worth_waking()
-            && self.end_sleep(AWAKE)
+        if self.state.load(Ordering::Relaxed) == SLEEPING && worth_waking() && self.end_sleep(AWAKE)
         {
             self.write_byte();
         }
@@ -362,8 +360,8 @@ impl BellWaiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use std::rc::Rc;
+    use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
 
     /// Long enough for a woken waiter to run on a loaded machine; only a lost wake-up waits it
