@@ -195,10 +195,11 @@ impl Doorbell {
     /// channel through that point).
     pub fn ring_if(&self, worth_waking: impl FnOnce() -> bool) {
         if self.home.load(Ordering::Relaxed) == thread_token() {
-            // The waiter's own thread: it is not running right now, so its state is stable.
+            // The waiter's own thread: the waiter is not running right now, but a producer on
+            // another thread may still end its sleep (`SLEEPING` to `AWAKE`) at any moment.
             if self.state.load(Ordering::Relaxed) == SLEEPING
                 && worth_waking()
-                && self.state.swap(RUNG_LOCALLY, Ordering::SeqCst) == SLEEPING
+                && self.end_sleep(RUNG_LOCALLY)
             {
                 // SAFETY: on the home thread (checked above).
                 if let Some(waker) = unsafe { (*self.local_waker.get()).take() } {
@@ -210,10 +211,23 @@ impl Doorbell {
         fence(Ordering::SeqCst);
         if self.state.load(Ordering::Relaxed) == SLEEPING
             && worth_waking()
-            && self.state.swap(AWAKE, Ordering::SeqCst) == SLEEPING
+            && self.end_sleep(AWAKE)
         {
             self.write_byte();
         }
+    }
+
+    /// Ends the waiter's current sleep on behalf of this producer: moves the state from
+    /// `SLEEPING` to `woken_as` and says whether this producer did it (and so owes the wake).
+    /// A compare-exchange, not a swap: a state another producer already moved out of
+    /// `SLEEPING` must stay as that producer left it. Above all, `RUNG_LOCALLY` is how the
+    /// waiter learns that its waker was taken and no byte will come; overwriting it with
+    /// `AWAKE` would send the woken waiter back to sleep on a silent socket with producers
+    /// reading `AWAKE`, none of which would ring again.
+    fn end_sleep(&self, woken_as: u8) -> bool {
+        self.state
+            .compare_exchange(SLEEPING, woken_as, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
     }
 
     fn write_byte(&self) {
@@ -342,5 +356,95 @@ impl BellWaiter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::rc::Rc;
+    use std::sync::mpsc;
+
+    /// Long enough for a woken waiter to run on a loaded machine; only a lost wake-up waits it
+    /// out.
+    const WAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A producer on another thread reads `SLEEPING` and decides to ring; meanwhile a task on
+    /// the waiter's executor makes the condition true and rings locally (taking the waiter's
+    /// waker, no byte); then the remote ring completes, all before the woken waiter runs. The
+    /// waiter must still learn that it was rung and look at its condition: the remote ring
+    /// must neither write a byte for a sleep already ended nor erase the local ring's mark.
+    /// The remote producer's `worth_waking` hook holds it between its load and its state
+    /// change, so the interleaving is forced, not hoped for.
+    #[test]
+    fn a_remote_ring_overtaken_by_a_local_one_does_not_hide_it() {
+        let (bell, read_end) = doorbell().unwrap();
+        let (start_remote, remote_started) = mpsc::channel::<()>();
+        let (remote_read_sleeping, remote_is_deciding) = mpsc::channel::<()>();
+        let (local_ring_done, local_rung) = mpsc::channel::<()>();
+        let (remote_ring_done, remote_rung) = mpsc::channel::<()>();
+        let remote_bell = bell.clone();
+        let remote = std::thread::spawn(move || {
+            remote_started.recv().unwrap();
+            let mut decided = false;
+            remote_bell.ring_if(|| {
+                decided = true;
+                remote_read_sleeping.send(()).unwrap();
+                local_rung.recv().unwrap();
+                true
+            });
+            remote_ring_done.send(()).unwrap();
+            decided
+        });
+        let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(128 << 10)
+            .spawn(move || async move {
+                let ready = Rc::new(AtomicBool::new(false));
+                let mut waiter = read_end.into_waiter();
+                let waiting = {
+                    let ready = ready.clone();
+                    glommio::spawn_local(async move {
+                        waiter
+                            .wait_until(|| ready.load(Ordering::SeqCst).then_some(()))
+                            .await;
+                    })
+                };
+                while bell.state_name() != "sleeping" {
+                    futures_lite::future::yield_now().await;
+                }
+                // The executor's thread blocks below, so the woken waiter cannot run before
+                // the remote ring has finished.
+                start_remote.send(()).unwrap();
+                remote_is_deciding.recv().unwrap();
+                ready.store(true, Ordering::SeqCst);
+                bell.ring();
+                local_ring_done.send(()).unwrap();
+                remote_rung.recv().unwrap();
+                let state_before_waiter_ran = bell.state_name();
+                let woke = futures_lite::future::or(
+                    async {
+                        waiting.await;
+                        true
+                    },
+                    async {
+                        glommio::timer::sleep(WAKE_DEADLINE).await;
+                        false
+                    },
+                )
+                .await;
+                (woke, state_before_waiter_ran)
+            })
+            .unwrap();
+        let (woke, state_before_waiter_ran) = executor.join().unwrap();
+        assert!(remote.join().unwrap(), "the remote ring read SLEEPING");
+        assert!(
+            woke,
+            "the waiter was rung locally but went back to sleep: wake-up lost"
+        );
+        assert_eq!(
+            state_before_waiter_ran, "rung-locally",
+            "the remote ring changed the state of a sleep a local ring had already ended"
+        );
     }
 }
