@@ -201,7 +201,7 @@ impl Doorbell {
     }
 
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
-    /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
+    /// Async-signal-safe: one fence, one load, at most one compare-exchange and one `write(2)`.
     pub fn ring(&self) {
         self.ring_if(|| true);
     }
