@@ -16,11 +16,13 @@
 //!
 //! A producer ([`Doorbell::ring`]) first makes the condition true (pushes the message, sets
 //! the flag), then a `SeqCst` fence, then loads the state; only if it reads `SLEEPING` does it
-//! swap in `AWAKE` and, if the swap returned `SLEEPING`, write one byte. Rings while the waiter
-//! is awake cost one fence and one load, and no syscall. A producer on the waiter's own thread
-//! (the sequencer and shard 0 share executor 0) swaps in `RUNG_LOCALLY` instead and wakes the
-//! waiting task's waker directly: program order stands in for the fences, and no byte is
-//! written.
+//! compare-exchange `SLEEPING` for `AWAKE` and, if that succeeded, write one byte. Rings while
+//! the waiter is awake cost one fence and one load, and no syscall. A producer on the waiter's
+//! own thread (the sequencer and shard 0 share executor 0) compare-exchanges `SLEEPING` for
+//! `RUNG_LOCALLY` instead and wakes the waiting task's waker directly: program order stands in
+//! for the fences, and no byte is written. Only the waiter itself stores into the state
+//! (`SLEEPING` before it sleeps, `AWAKE` when its recheck succeeds); a producer only ever
+//! ends a sleep, and never changes a state it did not find `SLEEPING`.
 //!
 //! # Why no wake-up is lost
 //!
@@ -29,9 +31,23 @@
 //!   condition then reads the state. With a `SeqCst` fence between the write and the read on
 //!   both sides, at least one of them sees the other's write. Either the waiter's recheck
 //!   (step 3) sees the condition, or the producer sees `SLEEPING` and writes a byte. Of several
-//!   producers that see `SLEEPING`, the swap lets exactly one write; the others find the waiter
-//!   already being woken. A byte written for a sleep that ended at step 3 stays in the socket
-//!   and costs one extra pass through the loop later, never a missed one.
+//!   producers that see `SLEEPING`, the compare-exchange lets exactly one end the sleep; the
+//!   others find the waiter already being woken. A byte written for a sleep that ended at
+//!   step 3 stays in the socket and costs one extra pass through the loop later, never a
+//!   missed one.
+//! * **Between a local and a remote producer** (a bell rung both from the waiter's executor
+//!   and from other threads: executor 0's room bell, rung by shard 0 locally and by every
+//!   other shard remotely; the channel of finished sessions). The waiter learns how its sleep
+//!   ended from the state: `RUNG_LOCALLY` ends the wait at once, anything else sends it to the
+//!   socket. So the mark must survive until the waiter runs, and it does because a producer
+//!   changes the state only by compare-exchange from `SLEEPING`. With a plain swap it did
+//!   not, and a wake-up was lost for good: (1) the waiter sleeps, `SLEEPING`; (2) a remote
+//!   producer loads `SLEEPING` and is delayed (preempted, or evaluating `ring_if`'s
+//!   condition); (3) a local producer swaps in `RUNG_LOCALLY` and wakes the waker; (4) the
+//!   remote producer swaps in `AWAKE`, gets `RUNG_LOCALLY` back and, rightly, writes no
+//!   byte; (5) the waiter runs, finds `AWAKE`, reads an empty socket and sleeps again, with
+//!   the state `AWAKE`, so every later producer skips the ring. The unit test
+//!   `a_remote_ring_overtaken_by_a_local_one_does_not_hide_it` forces that interleaving.
 //! * **Between the byte and the waiting task**: the socket read is glommio's stream read, a
 //!   plain `recv` first and, when that would block, a poll request on glommio's *main* ring
 //!   holding the task's waker. The byte makes the socket readable whatever the executor is
@@ -43,10 +59,12 @@
 //!   are the atomic and `write(2)`, which are also async-signal-safe, so a signal handler or
 //!   a plain thread may ring.
 //! * **On the waiter's own thread**: the waiter cannot be running while another task of its
-//!   executor rings, so it is either before step 2 (it will see the condition) or suspended
+//!   executor rings, so it is either before step 2 (it will see the condition), suspended
 //!   after registering its waker in the bell (the ring takes and wakes it; the wait ends on
-//!   seeing `RUNG_LOCALLY`). The waker is touched only on that thread and cleared when the
-//!   wait ends, so no glommio waker crosses a thread.
+//!   seeing `RUNG_LOCALLY`, which no other producer can replace), or its wait was dropped
+//!   (no waker: the mark stays, and the next wait starts at step 1 anyway). The waker is
+//!   touched only on that thread and cleared when the wait ends, so no glommio waker
+//!   crosses a thread.
 //! * **[`Doorbell::ring_if`]** skips the wake while a sleeping waiter's condition would not
 //!   be worth it yet (room bell: the channel is still more than half full). It is called after
 //!   every receive, and the receiver drains its channel through the half-way point, so the
@@ -183,7 +201,7 @@ impl Doorbell {
     }
 
     /// Wakes the waiter if it sleeps. Call it after making the waiter's condition true.
-    /// Async-signal-safe: one fence, one load, at most one swap and one `write(2)`.
+    /// Async-signal-safe: one fence, one load, at most one compare-exchange and one `write(2)`.
     pub fn ring(&self) {
         self.ring_if(|| true);
     }

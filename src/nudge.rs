@@ -45,7 +45,9 @@
 //! A park that begins and ends within one interval is ended by the nudge without being counted.
 //! The same state found again right after a nudge is not a park (the nudge ran every queue):
 //! a task waits for a wake-up that was lost. It is counted in `executor_stalls_unresolved` and
-//! logged with the state of every shard's command bell, for the next look at the cause.
+//! logged with the state of every shard's command bell and of the room bell (the batches
+//! counted in flight include those the sequencer still waits to send for room), for the next
+//! look at the cause.
 
 use std::cell::OnceCell;
 use std::fs::File;
@@ -194,6 +196,9 @@ pub struct StallGuard {
     executors: Vec<Executor>,
     /// The shards' command bells, named in the log of a stall.
     shard_bells: OnceLock<Vec<Arc<Doorbell>>>,
+    /// The room bell the sequencer and acceptor wait on for a full shard channel, named in
+    /// the log of a stall (batches counted as sent may still wait there for room).
+    room_bell: OnceLock<Arc<Doorbell>>,
     stop: AtomicBool,
 }
 
@@ -237,6 +242,7 @@ impl StallGuard {
             activity,
             executors: lines,
             shard_bells: OnceLock::new(),
+            room_bell: OnceLock::new(),
             stop: AtomicBool::new(false),
         });
         Ok((guard, read_ends))
@@ -250,6 +256,11 @@ impl StallGuard {
     /// Names the state of these bells (the shards' command bells) in the log of a stall.
     pub fn watch_shard_bells(&self, bells: Vec<Arc<Doorbell>>) {
         let _ = self.shard_bells.set(bells);
+    }
+
+    /// Names the state of the shard channels' room bell in the log of a stall.
+    pub fn watch_room_bell(&self, bell: Arc<Doorbell>) {
+        let _ = self.room_bell.set(bell);
     }
 
     /// Starts the guard thread.
@@ -390,11 +401,15 @@ impl StallGuard {
                 .get()
                 .map(|bells| bells.iter().map(|bell| bell.state_name()).collect())
                 .unwrap_or_default();
+            let room = self
+                .room_bell
+                .get()
+                .map_or("none", |bell| bell.state_name());
             if stalled_rounds == 0 {
                 format!(
                     "every executor was asleep while {} ordered batch(es) waited unapplied for \
                      over {} ms (glommio parked an executor with work queued); nudged them \
-                     awake (shard bells: {bells:?})",
+                     awake (shard bells: {bells:?}; room bell: {room})",
                     before.in_flight,
                     self.interval.as_millis()
                 )
@@ -409,7 +424,7 @@ impl StallGuard {
                 format!(
                     "every executor still asleep after {stalled_rounds} nudge(s) while {} \
                      ordered batch(es) wait unapplied: a wake-up was lost (shard bells: \
-                     {bells:?}; nudge reads per executor since: {reads:?})",
+                     {bells:?}; room bell: {room}; nudge reads per executor since: {reads:?})",
                     before.in_flight
                 )
             }

@@ -215,6 +215,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
                 .map(|receiver| receiver.bell().clone())
                 .collect(),
         );
+        guard.watch_room_bell(room_bell.clone());
     }
     if role == Role::Edge {
         cluster_threads.push(cluster::edge::start(shared.clone(), senders.clone())?);
