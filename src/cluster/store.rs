@@ -412,16 +412,46 @@ impl SnapshotStore {
     }
 
     /// Every object in the store that is not deleted.
+    ///
+    /// Not the object store's own `list()`: that is an ordered consumer which ends when a
+    /// delivered message reports nothing pending, and right after nats-server was killed and
+    /// restarted it was seen waiting for good (a pending count that never reached 0). Here the
+    /// metadata subjects come from the stream's subject counts and each object's metadata from
+    /// a last-message-by-subject request: requests with answers, no consumer.
     async fn objects_listed(&self) -> Result<Vec<object_store::ObjectInfo>, String> {
         let listing = async {
-            let mut list = self
-                .objects
-                .list()
+            let prefix = format!("$O.{}.M.", self.bucket);
+            let mut subjects = self
+                .objects_stream
+                .info_with_subjects(format!("{prefix}>"))
                 .await
                 .map_err(|error| format!("cannot list snapshots: {error}"))?;
+            let mut metadata_subjects = Vec::new();
+            while let Some(entry) = subjects.next().await {
+                let (subject, _) =
+                    entry.map_err(|error| format!("cannot list snapshots: {error}"))?;
+                metadata_subjects.push(subject);
+            }
             let mut infos = Vec::new();
-            while let Some(info) = list.next().await {
-                let info = info.map_err(|error| format!("cannot list snapshots: {error}"))?;
+            for subject in metadata_subjects {
+                let message = match self
+                    .objects_stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                {
+                    Ok(message) => message,
+                    // Purged since the subjects were counted.
+                    Err(error)
+                        if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound =>
+                    {
+                        continue
+                    }
+                    Err(error) => {
+                        return Err(format!("cannot read snapshot metadata {subject}: {error}"))
+                    }
+                };
+                let info: object_store::ObjectInfo = serde_json::from_slice(&message.payload)
+                    .map_err(|error| format!("bad snapshot metadata {subject}: {error}"))?;
                 if !info.deleted {
                     infos.push(info);
                 }
