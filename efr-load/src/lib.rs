@@ -394,7 +394,6 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     };
     let wall_s = (end.saturating_sub(first)) as f64 / 1e9;
     let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
-    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1e3;
     let cpu = (user1 - user0) + (sys1 - sys0);
     let report = Report {
         pass: error_count == 0,
@@ -426,14 +425,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         events_per_s: per_s(source_out.events),
         notifications_per_s: per_s(notifications),
         bytes_per_s: per_s(bytes_received),
-        latency: report::Latency {
-            p50_us: q(0.5),
-            p90_us: q(0.9),
-            p99_us: q(0.99),
-            p999_us: q(0.999),
-            max_us: hist.max() as f64 / 1e3,
-            mean_us: hist.mean() / 1e3,
-        },
+        latency: report::Latency::from_histogram_ns(&hist),
         cpu_user_s: user1 - user0,
         cpu_sys_s: sys1 - sys0,
         cpu_ns_per_notification: (notifications > 0).then(|| cpu * 1e9 / notifications as f64),

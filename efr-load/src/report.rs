@@ -23,6 +23,21 @@ pub struct Latency {
     pub mean_us: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram of nanoseconds.
+    pub fn from_histogram_ns(hist: &hdrhistogram::Histogram<u64>) -> Latency {
+        let q = |p: f64| hist.value_at_quantile(p) as f64 / 1e3;
+        Latency {
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: hist.max() as f64 / 1e3,
+            mean_us: hist.mean() / 1e3,
+        }
+    }
+}
+
 /// The machine a run was made on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
