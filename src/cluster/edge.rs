@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use super::snapshot::GraphSnapshot;
 use super::store::{Pointer, SnapshotStore, WriterLock};
 use super::wire::{decode_events, Envelope, Kind};
-use super::{connect, runtime_or_report, stop_requested};
+use super::{connect, runtime_or_report, start_nats_thread, stop_requested};
 use crate::batch::BatchPool;
 use crate::channel;
 use crate::protocol::EventKind;
@@ -59,30 +59,11 @@ pub fn start(
     shared: Arc<Shared>,
     shards: Vec<channel::Sender<ShardCommand>>,
 ) -> std::io::Result<JoinHandle<Result<(), String>>> {
-    let (ready_sender, ready) = std::sync::mpsc::channel::<Result<(), String>>();
-    let thread = std::thread::Builder::new()
-        .name("efr-nats-consume".into())
-        .spawn(move || {
-            let result = run(shared.clone(), shards, ready_sender);
-            if let Err(error) = &result {
-                tracing::error!("edge stops: {error}");
-                shared.config.stop.request();
-            }
-            result
+    let (thread, ()) =
+        start_nats_thread("efr-nats-consume", "edge", shared, move |shared, ready| {
+            run(shared, shards, ready)
         })?;
-    match ready.recv() {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(error)) => {
-            let _ = thread.join();
-            Err(std::io::Error::other(error))
-        }
-        Err(_) => {
-            let outcome = thread.join();
-            Err(std::io::Error::other(format!(
-                "the consumer thread ended at start: {outcome:?}"
-            )))
-        }
-    }
+    Ok(thread)
 }
 
 fn run(

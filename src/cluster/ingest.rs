@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use super::chain::{ChainEnd, ChainStore, Found};
 use super::wire::{Envelope, Kind, PayloadBuilder, HEADER_MSG_ID};
-use super::{connect, runtime_or_report, subject};
+use super::{connect, runtime_or_report, start_nats_thread, subject};
 use crate::channel::ForeignReceiver;
 use crate::shard::ShardCommand;
 use crate::shared::Shared;
@@ -59,36 +59,19 @@ pub fn start(
     shared: Arc<Shared>,
     commands: ForeignReceiver<ShardCommand>,
 ) -> std::io::Result<Publisher> {
-    let (ready_sender, ready) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("efr-nats-publish".into())
-        .spawn(move || {
-            let result = run(shared.clone(), commands, ready_sender);
-            if let Err(error) = &result {
-                tracing::error!("ingest stops: {error}");
-                shared.config.stop.request();
-            }
-            result
-        })?;
-    match ready.recv() {
-        Ok(Ok(resume_at)) => Ok(Publisher { resume_at, thread }),
-        Ok(Err(error)) => {
-            let _ = thread.join();
-            Err(std::io::Error::other(error))
-        }
-        Err(_) => {
-            let outcome = thread.join();
-            Err(std::io::Error::other(format!(
-                "the publisher thread ended at start: {outcome:?}"
-            )))
-        }
-    }
+    let (thread, resume_at) = start_nats_thread(
+        "efr-nats-publish",
+        "ingest",
+        shared,
+        move |shared, ready| run(shared, commands, ready),
+    )?;
+    Ok(Publisher { resume_at, thread })
 }
 
 /// A publish's pending acknowledgement.
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
-type Ready = std::sync::mpsc::Sender<Result<Option<u64>, String>>;
+type Ready = super::Ready<Option<u64>>;
 
 fn run(
     shared: Arc<Shared>,

@@ -77,14 +77,52 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// The NATS thread's runtime; a failure to build it is also sent on `ready`, which the
 /// starting thread waits on.
-fn runtime_or_report<T>(
-    ready: &std::sync::mpsc::Sender<Result<T, String>>,
-) -> Result<tokio::runtime::Runtime, String> {
+fn runtime_or_report<T>(ready: &Ready<T>) -> Result<tokio::runtime::Runtime, String> {
     runtime().map_err(|error| {
         let error = format!("cannot start the NATS runtime: {error}");
         let _ = ready.send(Err(error.clone()));
         error
     })
+}
+
+/// What a NATS thread reports once it is connected (or why it is not), and the thread.
+type Ready<T> = std::sync::mpsc::Sender<Result<T, String>>;
+
+/// Starts the NATS thread `name` of the role `role` running `run`, and waits until it reports
+/// that it is connected (what it reports then is returned with the thread) or why it is not.
+/// A thread that fails later logs why and requests the server's stop.
+fn start_nats_thread<T: Send + 'static>(
+    name: &str,
+    role: &'static str,
+    shared: std::sync::Arc<crate::shared::Shared>,
+    run: impl FnOnce(std::sync::Arc<crate::shared::Shared>, Ready<T>) -> Result<(), String>
+        + Send
+        + 'static,
+) -> std::io::Result<(std::thread::JoinHandle<Result<(), String>>, T)> {
+    let (ready_sender, ready) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let result = run(shared.clone(), ready_sender);
+            if let Err(error) = &result {
+                tracing::error!("{role} stops: {error}");
+                shared.config.stop.request();
+            }
+            result
+        })?;
+    match ready.recv() {
+        Ok(Ok(started)) => Ok((thread, started)),
+        Ok(Err(error)) => {
+            let _ = thread.join();
+            Err(std::io::Error::other(error))
+        }
+        Err(_) => {
+            let outcome = thread.join();
+            Err(std::io::Error::other(format!(
+                "the {name} thread ended at start: {outcome:?}"
+            )))
+        }
+    }
 }
 
 /// Connects to NATS and makes sure the stream exists, giving up after the connect timeout or
