@@ -349,6 +349,11 @@ fn an_edge_killed_with_sigkill_restarts_from_the_snapshot_and_serves_new_clients
     wait_until("the reference edge applies the head", || {
         counter(&reference, "events_delivered") == head as u64
     });
+    // Whichever edge holds the writer lock has written a snapshot (on a loaded machine the
+    // head can be applied before the first one is stored).
+    wait_until("a snapshot is stored", || {
+        counter(&reference, "snapshots_written") + victim.metric("snapshots_written") >= 1
+    });
     victim.kill();
     let started = Instant::now();
     let mut restarted = BinaryNode::start(&edge_args);
