@@ -23,6 +23,8 @@ pub struct BatchedEvent {
 pub struct OrderedBatch {
     events: Vec<BatchedEvent>,
     payloads: Vec<u8>,
+    /// When its events were released ([`crate::latency::now_ns`]); 0 if never stamped.
+    released_ns: u64,
 }
 
 impl OrderedBatch {
@@ -31,6 +33,7 @@ impl OrderedBatch {
         OrderedBatch {
             events: Vec::with_capacity(events),
             payloads: Vec::with_capacity(events * 16),
+            released_ns: 0,
         }
     }
 
@@ -75,6 +78,18 @@ impl OrderedBatch {
     pub fn clear(&mut self) {
         self.events.clear();
         self.payloads.clear();
+        self.released_ns = 0;
+    }
+
+    /// Stamps the time its events were released (the source read, or an edge taking the
+    /// stream message), for the delivery latency ([`crate::latency`]).
+    pub fn stamp_released(&mut self, at_ns: u64) {
+        self.released_ns = at_ns;
+    }
+
+    /// When its events were released; 0 if never stamped.
+    pub fn released_ns(&self) -> u64 {
+        self.released_ns
     }
 
     /// Sequence numbers in batch order (for tests and diagnostics).

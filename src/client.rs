@@ -51,7 +51,7 @@ pub async fn serve(
         if io.close_requested() == Some(CloseMode::Abort) {
             break;
         }
-        state.router.borrow_mut().take_pending(client, &mut buffer);
+        let taken = state.router.borrow_mut().take_pending(client, &mut buffer);
         if buffer.is_empty() {
             if io.close_requested().is_some() {
                 break;
@@ -110,7 +110,14 @@ pub async fn serve(
         let written = stream.write_all(&buffer).await;
         drop(writing);
         match written {
-            Ok(()) => Counters::add(&counters.bytes_written, buffer.len() as u64),
+            Ok(()) => {
+                Counters::add(&counters.bytes_written, buffer.len() as u64);
+                state.delivery_latency().record_write(
+                    taken.oldest_released_ns,
+                    crate::latency::now_ns(),
+                    taken.notifications,
+                );
+            }
             Err(error) => {
                 // A client already being closed was counted under that reason.
                 if io.close_requested().is_none() {

@@ -6,7 +6,8 @@
 //! of the follow graph and appends notifications to its clients' output, which the [`client`]
 //! tasks write out; the state a shard shares with its client tasks is in [`shard_state`] and
 //! [`client_io`]. The [`acceptor`] hands each identified client to the shard that owns it.
-//! [`server::run`] starts it all; [`config`] holds every limit. efr-load, the load generator
+//! [`server::run`] starts it all; [`config`] holds every limit; [`latency`] measures the server's
+//! own delivery latency. efr-load, the load generator
 //! and verifier, is the crate in efr-load/ and shares no code with the server.
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod client_io;
 pub mod cluster;
 pub mod config;
 pub mod doorbell;
+pub mod latency;
 pub mod limits;
 pub mod line;
 pub mod listener;

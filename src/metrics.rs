@@ -176,7 +176,16 @@ async fn answer(mut stream: TcpStream, shared: &Shared) {
         parse_request(&head[..filled])
     };
     let (status, body, head_only, extra) = match request {
-        Request::Metrics { head_only } => ("200 OK", render(counters), head_only, ""),
+        Request::Metrics { head_only } => (
+            "200 OK",
+            {
+                let mut page = render(counters);
+                crate::latency::render(&mut page, &shared.delivery_latency);
+                page
+            },
+            head_only,
+            "",
+        ),
         other => {
             Counters::add(&counters.metrics_bad_requests, 1);
             let request_line = excerpt(head[..filled].split(|&b| b == b'\n').next().unwrap_or(&[]));

@@ -500,7 +500,6 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::stats::FaultLog;
     use std::sync::mpsc;
 
     /// A thread that publishes its id, then sleeps (blocked on a channel) or spins until told
@@ -523,11 +522,7 @@ mod tests {
     }
 
     fn guard_with_batch_in_flight() -> Arc<StallGuard> {
-        let shared = Arc::new(Shared {
-            config: Config::ephemeral(2),
-            counters: Counters::default(),
-            faults: FaultLog::default(),
-        });
+        let shared = Arc::new(Shared::new(Config::ephemeral(2)));
         Counters::add(&shared.counters.batch_deliveries, 1);
         StallGuard::new(shared, Duration::from_millis(10), 2)
             .unwrap()

@@ -87,6 +87,20 @@ struct ClientSlot<H> {
     in_flight_capacity: usize,
     /// Position in `Router::open_clients`.
     open_index: u32,
+    /// Release time of the oldest notification in `pending` (0 when empty or unstamped).
+    pending_since_ns: u64,
+    /// Notifications in `pending`.
+    pending_notifications: u64,
+}
+
+/// What a writer took with a client's pending output: how many notifications, and when the
+/// oldest of them was released (0: not stamped). See [`crate::latency`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TakenOutput {
+    /// Notifications in the bytes taken.
+    pub notifications: u64,
+    /// Release time of the oldest one, ns ([`crate::latency::now_ns`]); 0 if not stamped.
+    pub oldest_released_ns: u64,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +141,9 @@ struct Outputs<H> {
     /// Clients that passed the backlog limit since the last take.
     over_backlog: Vec<ClientId>,
     notifications: u64,
+    /// Release time of the batch being applied, stamped on a client's first pending
+    /// notification.
+    batch_released_ns: u64,
     /// Capacity of every pending and in-flight output buffer of this shard, bytes: what the
     /// server-wide `--max-output-memory` budget counts.
     memory: u64,
@@ -151,8 +168,10 @@ impl<H> Outputs<H> {
             self.memory += (capacity - capacity_before) as u64;
         }
         if was_empty {
+            slot.pending_since_ns = self.batch_released_ns;
             self.dirty.push(client);
         }
+        slot.pending_notifications += 1;
         let backlog = backlog_before + bytes.len();
         if backlog > self.max_backlog && backlog_before <= self.max_backlog {
             self.over_backlog.push(client);
@@ -178,6 +197,7 @@ impl<H> Router<H> {
                 dirty: Vec::new(),
                 over_backlog: Vec::new(),
                 notifications: 0,
+                batch_released_ns: 0,
                 memory: 0,
                 published: 0,
             },
@@ -207,6 +227,8 @@ impl<H> Router<H> {
                     in_flight: 0,
                     in_flight_capacity: 0,
                     open_index: 0,
+                    pending_since_ns: 0,
+                    pending_notifications: 0,
                 });
                 (self.outputs.clients.len() - 1) as ClientId
             }
@@ -216,6 +238,8 @@ impl<H> Router<H> {
         slot.state = ClientState::Open;
         slot.handle = Some(handle);
         slot.pending.clear();
+        slot.pending_notifications = 0;
+        slot.pending_since_ns = 0;
         slot.in_flight = 0;
         debug_assert_eq!(slot.in_flight_capacity, 0);
         slot.open_index = self.open_clients.len() as u32;
@@ -291,6 +315,8 @@ impl<H> Router<H> {
         slot.in_flight = 0;
         slot.in_flight_capacity = 0;
         slot.pending = Vec::new();
+        slot.pending_notifications = 0;
+        slot.pending_since_ns = 0;
         self.outputs.memory -= released as u64;
         self.free_clients.push(client);
     }
@@ -345,6 +371,7 @@ impl<H> Router<H> {
 
     /// Applies an ordered batch: graph changes and notifications, in seq order.
     pub fn apply(&mut self, batch: &OrderedBatch) {
+        self.outputs.batch_released_ns = batch.released_ns();
         for batched in batch.events() {
             let event = batched.event;
             match event.kind {
@@ -440,19 +467,25 @@ impl<H> Router<H> {
     }
 
     /// Hands a client's pending output to its writer: swaps it with `into` (which must be
-    /// empty), so no bytes are copied and both buffers keep their capacity.
-    pub fn take_pending(&mut self, client: ClientId, into: &mut Vec<u8>) {
+    /// empty), so no bytes are copied and both buffers keep their capacity. Says how many
+    /// notifications it holds and when the oldest was released.
+    pub fn take_pending(&mut self, client: ClientId, into: &mut Vec<u8>) -> TakenOutput {
         let slot = &mut self.outputs.clients[client as usize];
         debug_assert!(into.is_empty());
         if slot.pending.is_empty() {
-            return;
+            return TakenOutput::default();
         }
+        let taken = TakenOutput {
+            notifications: std::mem::take(&mut slot.pending_notifications),
+            oldest_released_ns: std::mem::take(&mut slot.pending_since_ns),
+        };
         let before = slot.pending.capacity() + slot.in_flight_capacity;
         std::mem::swap(into, &mut slot.pending);
         slot.in_flight = into.len();
         slot.in_flight_capacity = into.capacity();
         let after = slot.pending.capacity() + slot.in_flight_capacity;
         self.outputs.memory = self.outputs.memory + after as u64 - before as u64;
+        taken
     }
 
     /// The writer finished writing what it took; `buffer` is kept by the writer for reuse.
@@ -472,6 +505,8 @@ impl<H> Router<H> {
         }
         let released = (slot.pending.capacity() + slot.in_flight_capacity) as u64;
         slot.pending = Vec::new();
+        slot.pending_notifications = 0;
+        slot.pending_since_ns = 0;
         slot.in_flight_capacity = 0;
         self.outputs.memory -= released;
         released
@@ -524,6 +559,8 @@ impl<H> Router<H> {
         let slot = &mut self.outputs.clients[client as usize];
         let before = slot.pending.capacity();
         slot.pending.clear();
+        slot.pending_notifications = 0;
+        slot.pending_since_ns = 0;
         if slot.pending.capacity() > IDLE_BUFFER_KEEP {
             slot.pending.shrink_to(IDLE_BUFFER_KEEP);
         }
@@ -586,6 +623,48 @@ mod tests {
         assert_eq!(output(&mut router, bob), "1|F|1|2\n2|F|3|2\n7|B\n");
         assert_eq!(output(&mut router, carol), "3|S|2\n5|S|2\n7|B\n");
         assert_eq!(router.take_notification_count(), 10);
+    }
+
+    #[test]
+    fn a_taken_output_counts_its_notifications_and_keeps_the_oldest_release_time() {
+        let mut router = Router::new(0, 1, 1 << 20);
+        let alice = router.register(1, ());
+        let bob = router.register(2, ());
+        let mut first = batch(&["1|B", "2|P|9|1"]);
+        first.stamp_released(1_000);
+        let mut second = batch(&["3|B"]);
+        second.stamp_released(2_000);
+        router.apply(&first);
+        router.apply(&second);
+        let mut buffer = Vec::new();
+        let taken = router.take_pending(alice, &mut buffer);
+        assert_eq!(buffer, b"1|B\n2|P|9|1\n3|B\n");
+        assert_eq!(
+            taken,
+            TakenOutput {
+                notifications: 3,
+                oldest_released_ns: 1_000
+            }
+        );
+        router.written(alice);
+        // Bob's output was not taken: still counted from the first batch; once taken, a later
+        // batch starts a new count at its own time.
+        buffer.clear();
+        let taken = router.take_pending(bob, &mut buffer);
+        assert_eq!((taken.notifications, taken.oldest_released_ns), (2, 1_000));
+        router.written(bob);
+        let mut third = batch(&["4|B"]);
+        third.stamp_released(3_000);
+        router.apply(&third);
+        buffer.clear();
+        let taken = router.take_pending(bob, &mut buffer);
+        assert_eq!((taken.notifications, taken.oldest_released_ns), (1, 3_000));
+        buffer.clear();
+        assert_eq!(router.take_pending(alice, &mut Vec::new()).notifications, 1);
+        assert_eq!(
+            router.take_pending(alice, &mut buffer),
+            TakenOutput::default()
+        );
     }
 
     #[test]

@@ -302,10 +302,12 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
         };
         match outcome {
             ReadOutcome::Data(n) => {
+                batch.stamp_released(crate::latency::now_ns());
                 splitter.commit(n);
                 process_lines(&shared, &mut splitter, &mut reseq, batch);
             }
             ReadOutcome::GapTimeout => {
+                batch.stamp_released(crate::latency::now_ns());
                 if let Some(hole) = reseq.skip_hole(batch) {
                     record_hole(&shared, hole.first, hole.last, "gap timeout");
                 }

@@ -31,7 +31,7 @@ use crate::nudge::{NudgeReadEnd, StallGuard};
 use crate::sequencer::{self, Sequencer};
 use crate::shard::{self, SessionFinished, ShardCommand};
 use crate::shared::Shared;
-use crate::stats::{Counters, FaultLog};
+use crate::stats::Counters;
 use crate::stop::StopRequest;
 
 /// glommio's preemption timer, effectively off.
@@ -155,11 +155,7 @@ pub fn start(config: Config) -> std::io::Result<RunningServer> {
     };
     let cores = config.cores;
     let pinned = cores <= cpu_count();
-    let shared = Arc::new(Shared {
-        config,
-        counters: Counters::default(),
-        faults: FaultLog::default(),
-    });
+    let shared = Arc::new(Shared::new(config));
     Counters::add(
         &shared.counters.open_file_limit,
         open_file_limit.unwrap_or(0),

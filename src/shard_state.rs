@@ -22,6 +22,7 @@ pub struct ShardState {
     pub writers_done: Notify,
     /// Server-wide configuration and counters.
     pub shared: Arc<Shared>,
+    index: usize,
 }
 
 impl ShardState {
@@ -33,7 +34,13 @@ impl ShardState {
             live_writers: Cell::new(0),
             writers_done: Notify::default(),
             shared,
+            index,
         }
+    }
+
+    /// This shard's delivery latency histogram.
+    pub fn delivery_latency(&self) -> &crate::latency::DeliveryLatency {
+        &self.shared.delivery_latency[self.index]
     }
 
     /// The I/O handle of a client, while its writer runs.

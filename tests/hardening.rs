@@ -305,12 +305,35 @@ fn metrics_endpoint_serves_every_counter_in_prometheus_text() {
     let events = vec!["1|B".to_string(), "2|X".to_string()];
     send_source(server.event_addr, &events, &[vec![0, 1]], "\n");
     check_clients(clients, &expected_notifications(&events, &[1]));
-    let mut http = TcpStream::connect(server.metrics_addr.unwrap()).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut page = String::new();
-    http.read_to_string(&mut page).unwrap();
+    let scrape = || {
+        let mut http = TcpStream::connect(server.metrics_addr.unwrap()).unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut page = String::new();
+        http.read_to_string(&mut page).unwrap();
+        page
+    };
+    // The writer records the delivery latency just after its write returns, which may be
+    // after the client read the bytes.
+    eventually(
+        "the delivery latency of the one notification is recorded",
+        || scrape().contains("efr_delivery_latency_seconds_count 1\n"),
+    );
+    let page = scrape();
     assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(
+        page.contains("# TYPE efr_delivery_latency_seconds histogram\n"),
+        "{page}"
+    );
+    // Delivered within 10 s of its release, and counted once.
+    assert!(
+        page.contains("efr_delivery_latency_seconds_bucket{le=\"10\"} 1\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("efr_delivery_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+        "{page}"
+    );
     assert!(
         page.contains("# TYPE efr_events_received counter\nefr_events_received 2\n"),
         "{page}"

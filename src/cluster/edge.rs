@@ -637,6 +637,7 @@ impl EdgeConsumer {
         let Some(batch) = Arc::get_mut(&mut shared_batch) else {
             unreachable!("the pool hands out batches nobody else holds");
         };
+        batch.stamp_released(crate::latency::now_ns());
         let unparseable = decode_events(payload, batch);
         if unparseable > 0 {
             Counters::add(&counters.nats_messages_bad, 1);
