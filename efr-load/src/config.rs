@@ -177,6 +177,18 @@ pub struct LoadConfig {
         value_name = "NAME"
     )]
     pub registered_metric: String,
+    /// The server's own delivery latency histogram read at --metrics-url before and after the
+    /// run (Prometheus buckets, seconds); the report shows its quantiles beside efr-load's.
+    /// Servers without it get none.
+    #[arg(
+        long,
+        global = true,
+        help_heading = RUN_HEADING,
+        env = "EFR_LOAD_SERVER_LATENCY_METRIC",
+        default_value = crate::server_latency::DEFAULT_SERVER_LATENCY_METRIC,
+        value_name = "NAME"
+    )]
+    pub server_latency_metric: String,
     /// Longest wait for the server to register every client (with --metrics-url), ms.
     #[arg(
         long,

@@ -34,6 +34,7 @@ pub mod report;
 pub mod rng;
 pub mod rows;
 pub mod security;
+pub mod server_latency;
 pub mod source;
 pub mod workload;
 pub mod workload_spec;
@@ -319,6 +320,10 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
             return Err(e);
         }
     };
+    // The server's own latency histogram, if it publishes one, just before the first event.
+    let server_latency_before = metrics
+        .as_ref()
+        .and_then(|(endpoint, _)| server_latency::read(endpoint, &config.server_latency_metric));
     let lockstep = workload.lockstep();
     let source_settings = SourceSettings {
         rate: config.rate,
@@ -395,6 +400,15 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let wall_s = (end.saturating_sub(first)) as f64 / 1e9;
     let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
     let cpu = (user1 - user0) + (sys1 - sys0);
+    let server_latency = match (&metrics, &server_latency_before) {
+        (Some((endpoint, _)), Some(before)) => server_latency::after_run(
+            endpoint,
+            &config.server_latency_metric,
+            before,
+            notifications,
+        ),
+        _ => None,
+    };
     let report = Report {
         pass: error_count == 0,
         errors: errors.into_iter().map(|e| e.1).collect(),
@@ -426,6 +440,7 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         notifications_per_s: per_s(notifications),
         bytes_per_s: per_s(bytes_received),
         latency: report::Latency::from_histogram_ns(&hist),
+        server_latency,
         cpu_user_s: user1 - user0,
         cpu_sys_s: sys1 - sys0,
         cpu_ns_per_notification: (notifications > 0).then(|| cpu * 1e9 / notifications as f64),

@@ -331,6 +331,9 @@ pub(crate) fn run(
         let _ = c.wait_active(chaos::CHAOS_ACTIVE_TIMEOUT);
     }
 
+    let server_latency_before = metrics.as_ref().and_then(|(endpoint, _)| {
+        super::server_latency::read(endpoint, &config.server_latency_metric)
+    });
     let event_addr = super::resolve(&config.host, config.event_port)?;
     let mut source = Link::connect(event_addr, timeout, &security, true)
         .with_context(|| format!("connecting the event source to {event_addr}"))?;
@@ -386,6 +389,15 @@ pub(crate) fn run(
     let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
     let cpu = (user1 - user0) + (sys1 - sys0);
     let errors: Vec<String> = out.error.into_iter().collect();
+    let server_latency = match (&metrics, &server_latency_before) {
+        (Some((endpoint, _)), Some(before)) => super::server_latency::after_run(
+            endpoint,
+            &config.server_latency_metric,
+            before,
+            out.notifications,
+        ),
+        _ => None,
+    };
     let report = Report {
         pass: errors.is_empty(),
         error_count: errors.len() as u64,
@@ -415,6 +427,7 @@ pub(crate) fn run(
         notifications_per_s: per_s(out.notifications),
         bytes_per_s: per_s(out.bytes_received),
         latency: report::Latency::from_histogram_ns(&hist),
+        server_latency,
         cpu_user_s: user1 - user0,
         cpu_sys_s: sys1 - sys0,
         cpu_ns_per_notification: (out.notifications > 0)

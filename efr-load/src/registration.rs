@@ -62,7 +62,8 @@ impl MetricsEndpoint {
         })
     }
 
-    fn fetch(&self) -> anyhow::Result<String> {
+    /// Reads the whole page (the body of a `200` answer).
+    pub fn fetch(&self) -> anyhow::Result<String> {
         let what = || format!("reading metrics from http://{}{}", self.host, self.path);
         let mut stream =
             TcpStream::connect_timeout(&self.addr, METRICS_REQUEST_TIMEOUT).with_context(what)?;

@@ -96,6 +96,10 @@ pub struct Report {
     /// Per-notification latency, from the write (or the schedule, with `--rate`) of the batch
     /// that made its event deliverable to the read.
     pub latency: Latency,
+    /// The server's own delivery latency over the run, from its histogram at --metrics-url
+    /// (absent when it publishes none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_latency: Option<super::server_latency::ServerLatency>,
     /// User CPU of the tool, seconds.
     pub cpu_user_s: f64,
     /// System CPU of the tool, seconds.
@@ -186,6 +190,20 @@ impl Report {
             dur_us(l.max_us),
             self.pacing
         );
+        if let Some(server) = &self.server_latency {
+            let within = server.within_1ms.map_or(String::new(), |share| {
+                format!(", {:.2}% within 1 ms", share * 100.0)
+            });
+            let _ = writeln!(
+                s,
+                "  Server's own   p50 {}  p99 {}  p99.9 {}  ({} notifications{within}; {})",
+                dur_us(server.p50_us),
+                dur_us(server.p99_us),
+                dur_us(server.p999_us),
+                server.count,
+                server.metric
+            );
+        }
         let per = self
             .cpu_ns_per_notification
             .map_or("n/a".to_string(), |v| format!("{v:.1} ns/notification"));

@@ -51,6 +51,10 @@ pub struct Row {
     pub p99_us: Option<f64>,
     /// Median p99.9 latency, us.
     pub p999_us: Option<f64>,
+    /// Median p99 of the server's own delivery latency (its histogram at --metrics-url), us;
+    /// absent for servers that publish none.
+    #[serde(default)]
+    pub server_p99_us: Option<f64>,
     /// Peak RSS of the server's process group (sum of each process's VmHWM), bytes.
     pub peak_rss_bytes: Option<u64>,
     /// Notifications/s as a share of the ceiling's on the same workload.

@@ -78,6 +78,26 @@ fn harness_run_passes_and_both_sides_count_the_same_notifications() {
         counters.notifications.load(Ordering::Relaxed),
         report.notifications
     );
+    // The server's own latency histogram counted every notification of the run once, and
+    // its quantiles are ordered.
+    let own = report
+        .server_latency
+        .as_ref()
+        .unwrap_or_else(|| panic!("no server latency in\n{}", report.summary()));
+    assert_eq!(own.metric, "efr_delivery_latency_seconds");
+    assert_eq!(own.count, report.notifications, "{own:?}");
+    assert!(
+        0.0 < own.p50_us && own.p50_us <= own.p99_us && own.p99_us <= own.p999_us,
+        "{own:?}"
+    );
+    assert!(own
+        .within_1ms
+        .is_some_and(|share| (0.0..=1.0).contains(&share)));
+    assert!(
+        report.summary().contains("Server's own"),
+        "{}",
+        report.summary()
+    );
     server.stop_and_wait().unwrap();
 }
 
