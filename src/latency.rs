@@ -16,8 +16,12 @@
 //! its pacing, its readers and the kernel's scheduling of both are in its number; here only
 //! the server's are.
 //!
-//! Cost: one clock read per source read and one per client write, and three relaxed adds on a
-//! cache line only the shard's own thread writes. Nothing per notification.
+//! Every batch is stamped (source reads, gap timeouts, the batch released at source close, an
+//! edge's stream messages), so every notification written is counted exactly once.
+//!
+//! Cost: one clock read per source read and one per client write, two plain load/store pairs
+//! on memory only the shard's own thread writes, and per notification one add to a counter in
+//! its client's slot.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,38 +70,49 @@ pub fn now_ns() -> u64 {
     (now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64).max(1)
 }
 
-/// One shard's delivery latency histogram. Written only by its shard's thread, read by the
-/// metrics page; aligned so that two shards' histograms never share a cache line.
+/// One shard's delivery latency histogram. Written only by its shard's thread (so a plain
+/// load and store update it, no locked instruction), read by the metrics page; aligned so that
+/// two shards' histograms never share a cache line. The count is the buckets' total, so a
+/// scrape never sees `_count` disagree with the `+Inf` bucket.
 #[derive(Debug)]
 #[repr(align(128))]
 pub struct DeliveryLatency {
     buckets: [AtomicU64; BUCKETS],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
+    /// Sum of the latencies, µs (rounded per write): at 30 M notifications a second of 1 ms
+    /// each it wraps after about 19 years.
+    sum_us: AtomicU64,
 }
 
 impl Default for DeliveryLatency {
     fn default() -> Self {
         DeliveryLatency {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_ns: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
         }
     }
 }
 
+/// Adds to a counter that only the calling thread writes.
+#[inline]
+fn add_single_writer(counter: &AtomicU64, amount: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(amount),
+        Ordering::Relaxed,
+    );
+}
+
 impl DeliveryLatency {
-    /// Records `notifications` notifications written `latency_ns` after their release.
+    /// Records `notifications` notifications written `latency_ns` after their release. Only
+    /// the shard's own thread may call it.
     #[inline]
     pub fn record(&self, latency_ns: u64, notifications: u64) {
         if notifications == 0 {
             return;
         }
         let bucket = BUCKET_BOUNDS_NS.partition_point(|&bound| bound < latency_ns);
-        self.buckets[bucket].fetch_add(notifications, Ordering::Relaxed);
-        self.count.fetch_add(notifications, Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(latency_ns.saturating_mul(notifications), Ordering::Relaxed);
+        add_single_writer(&self.buckets[bucket], notifications);
+        let latency_us = latency_ns.saturating_add(500) / 1_000;
+        add_single_writer(&self.sum_us, latency_us.wrapping_mul(notifications));
     }
 
     /// Records a write that ended at `now_ns` and carried `notifications` notifications, the
@@ -114,13 +129,12 @@ impl DeliveryLatency {
 /// format (cumulative buckets, `_sum` in seconds, `_count`).
 pub fn render(page: &mut String, shards: &[DeliveryLatency]) {
     let mut buckets = [0u64; BUCKETS];
-    let (mut count, mut sum_ns) = (0u64, 0u64);
+    let mut sum_us = 0u64;
     for shard in shards {
         for (total, bucket) in buckets.iter_mut().zip(&shard.buckets) {
-            *total += bucket.load(Ordering::Relaxed);
+            *total = total.wrapping_add(bucket.load(Ordering::Relaxed));
         }
-        count += shard.count.load(Ordering::Relaxed);
-        sum_ns += shard.sum_ns.load(Ordering::Relaxed);
+        sum_us = sum_us.wrapping_add(shard.sum_us.load(Ordering::Relaxed));
     }
     let _ = writeln!(
         page,
@@ -131,17 +145,17 @@ pub fn render(page: &mut String, shards: &[DeliveryLatency]) {
     let _ = writeln!(page, "# TYPE {METRIC} histogram");
     let mut cumulative = 0u64;
     for (bound, bucket) in BUCKET_BOUNDS_NS.iter().zip(&buckets) {
-        cumulative += bucket;
+        cumulative = cumulative.wrapping_add(*bucket);
         let _ = writeln!(
             page,
             "{METRIC}_bucket{{le=\"{}\"}} {cumulative}",
             *bound as f64 / 1e9
         );
     }
-    cumulative += buckets[BUCKETS - 1];
+    cumulative = cumulative.wrapping_add(buckets[BUCKETS - 1]);
     let _ = writeln!(page, "{METRIC}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(page, "{METRIC}_sum {}", sum_ns as f64 / 1e9);
-    let _ = writeln!(page, "{METRIC}_count {count}");
+    let _ = writeln!(page, "{METRIC}_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(page, "{METRIC}_count {cumulative}");
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! tasks write out; the state a shard shares with its client tasks is in [`shard_state`] and
 //! [`client_io`]. The [`acceptor`] hands each identified client to the shard that owns it.
 //! [`server::run`] starts it all; [`config`] holds every limit; [`latency`] measures the server's
-//! own delivery latency. efr-load, the load generator
-//! and verifier, is the crate in efr-load/ and shares no code with the server.
+//! own delivery latency. efr-load, the load generator and verifier, is the crate in efr-load/
+//! and shares no code with the server.
 #![warn(missing_docs)]
 
 pub mod acceptor;

@@ -87,10 +87,11 @@ struct ClientSlot<H> {
     in_flight_capacity: usize,
     /// Position in `Router::open_clients`.
     open_index: u32,
+    /// Notifications in `pending` (a u32, which pairs with `open_index`: the slot grows by 8
+    /// bytes only).
+    pending_notifications: u32,
     /// Release time of the oldest notification in `pending` (0 when empty or unstamped).
     pending_since_ns: u64,
-    /// Notifications in `pending`.
-    pending_notifications: u64,
 }
 
 /// What a writer took with a client's pending output: how many notifications, and when the
@@ -168,10 +169,12 @@ impl<H> Outputs<H> {
             self.memory += (capacity - capacity_before) as u64;
         }
         if was_empty {
-            slot.pending_since_ns = self.batch_released_ns;
             self.dirty.push(client);
         }
-        slot.pending_notifications += 1;
+        if slot.pending_since_ns == 0 {
+            slot.pending_since_ns = self.batch_released_ns;
+        }
+        slot.pending_notifications = slot.pending_notifications.saturating_add(1);
         let backlog = backlog_before + bytes.len();
         if backlog > self.max_backlog && backlog_before <= self.max_backlog {
             self.over_backlog.push(client);
@@ -476,7 +479,7 @@ impl<H> Router<H> {
             return TakenOutput::default();
         }
         let taken = TakenOutput {
-            notifications: std::mem::take(&mut slot.pending_notifications),
+            notifications: u64::from(std::mem::take(&mut slot.pending_notifications)),
             oldest_released_ns: std::mem::take(&mut slot.pending_since_ns),
         };
         let before = slot.pending.capacity() + slot.in_flight_capacity;

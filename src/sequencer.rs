@@ -378,6 +378,7 @@ async fn session(mut stream: PeerStream, sequencer: Rc<Sequencer>) {
         return;
     }
     {
+        batch.stamp_released(crate::latency::now_ns());
         reseq.finish(batch, |hole| {
             record_hole(&shared, hole.first, hole.last, "source closed")
         });

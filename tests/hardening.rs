@@ -294,6 +294,38 @@ fn a_second_event_source_is_refused_and_the_first_run_is_unaffected() {
     server.stop_and_wait().unwrap();
 }
 
+fn scrape_metrics(addr: std::net::SocketAddr) -> String {
+    let mut http = TcpStream::connect(addr).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut page = String::new();
+    http.read_to_string(&mut page).unwrap();
+    page
+}
+
+/// Events 3 and 6 wait behind holes until the source closes and are released in the session's
+/// last batch: their notifications are counted in the delivery latency like any other.
+#[test]
+fn notifications_released_at_source_close_count_in_the_delivery_latency() {
+    let config = Config {
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Config::ephemeral(1)
+    };
+    let server = start_server(config);
+    let clients = connect_all(&server, &[1], "\n");
+    let events: Vec<String> = ["1|P|2|1", "3|P|2|1", "6|B"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    send_source(server.event_addr, &events, &[vec![2, 1, 0]], "\n");
+    check_clients(clients, &expected_notifications(&events, &[1]));
+    eventually("3 notifications counted in the delivery latency", || {
+        scrape_metrics(server.metrics_addr.unwrap())
+            .contains("efr_delivery_latency_seconds_count 3\n")
+    });
+    server.stop_and_wait().unwrap();
+}
+
 #[test]
 fn metrics_endpoint_serves_every_counter_in_prometheus_text() {
     let config = Config {
@@ -305,14 +337,7 @@ fn metrics_endpoint_serves_every_counter_in_prometheus_text() {
     let events = vec!["1|B".to_string(), "2|X".to_string()];
     send_source(server.event_addr, &events, &[vec![0, 1]], "\n");
     check_clients(clients, &expected_notifications(&events, &[1]));
-    let scrape = || {
-        let mut http = TcpStream::connect(server.metrics_addr.unwrap()).unwrap();
-        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut page = String::new();
-        http.read_to_string(&mut page).unwrap();
-        page
-    };
+    let scrape = || scrape_metrics(server.metrics_addr.unwrap());
     // The writer records the delivery latency just after its write returns, which may be
     // after the client read the bytes.
     eventually(

@@ -1,8 +1,10 @@
 //! The server's own delivery latency, for servers that publish one: a Prometheus histogram at
 //! `--metrics-url` (efr-sharded: `efr_delivery_latency_seconds`, from the source read that
 //! released an event to the end of the client write that carried it). efr-load reads it just
-//! before the source connects and again after the last client is done; the difference is this
-//! run's, and its quantiles go in the report beside efr-load's own end-to-end latency. The gap
+//! before the source writes its first event and again after the last client is done; the
+//! difference is this run's, and its quantiles go in the report beside efr-load's own
+//! end-to-end latency. It covers the one node at `--metrics-url`: with `--client-ports` over
+//! several nodes, only that node's clients. The gap
 //! between the two is the part outside the server: the tool's pacing and verification, the
 //! kernel's delivery, and the scheduling of both on the same machine.
 //!
@@ -17,8 +19,9 @@ use super::registration::MetricsEndpoint;
 pub const DEFAULT_SERVER_LATENCY_METRIC: &str = "efr_delivery_latency_seconds";
 
 /// After the run, how long efr-load waits for the histogram to count every notification its
-/// clients received (a server may record a write just after its bytes arrived), ms.
-pub const SERVER_LATENCY_SETTLE_MS: u64 = 500;
+/// clients received (a server may record a write just after its bytes arrived, and a loaded
+/// machine may delay that), ms. Costs nothing when the counts already agree.
+pub const SERVER_LATENCY_SETTLE_MS: u64 = 5_000;
 
 /// One reading of a Prometheus histogram: cumulative counts at increasing upper bounds
 /// (seconds), the last one `+Inf`.
@@ -131,16 +134,20 @@ pub struct ServerLatency {
 }
 
 impl ServerLatency {
-    /// The report of what a histogram counted during a run.
-    pub fn of(metric: &str, run: &Histogram) -> ServerLatency {
-        ServerLatency {
+    /// The report of what a histogram counted during a run; `None` when it counted nothing
+    /// (no quantile to give).
+    pub fn of(metric: &str, run: &Histogram) -> Option<ServerLatency> {
+        if run.count() == 0 {
+            return None;
+        }
+        Some(ServerLatency {
             metric: metric.to_string(),
             count: run.count(),
             p50_us: run.quantile_s(0.5) * 1e6,
             p99_us: run.quantile_s(0.99) * 1e6,
             p999_us: run.quantile_s(0.999) * 1e6,
             within_1ms: run.share_within(0.001),
-        }
+        })
     }
 }
 
@@ -151,7 +158,9 @@ pub fn read(endpoint: &MetricsEndpoint, metric: &str) -> Option<Histogram> {
 }
 
 /// After the run: reads the histogram until it counted at least `notifications` more than
-/// `before` (or [`SERVER_LATENCY_SETTLE_MS`] passed), and reports the run's part.
+/// `before` (or [`SERVER_LATENCY_SETTLE_MS`] passed; a failed read is tried again until then),
+/// and reports the run's part. `None` when it could not be read, the server restarted, or it
+/// counted nothing.
 pub fn after_run(
     endpoint: &MetricsEndpoint,
     metric: &str,
@@ -160,10 +169,17 @@ pub fn after_run(
 ) -> Option<ServerLatency> {
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(SERVER_LATENCY_SETTLE_MS);
+    let mut last = None;
     loop {
-        let run = read(endpoint, metric)?.since(before)?;
-        if run.count() >= notifications || std::time::Instant::now() >= deadline {
-            return Some(ServerLatency::of(metric, &run));
+        if let Some(now) = read(endpoint, metric) {
+            let run = now.since(before)?;
+            if run.count() >= notifications {
+                return ServerLatency::of(metric, &run);
+            }
+            last = Some(run);
+        }
+        if std::time::Instant::now() >= deadline {
+            return ServerLatency::of(metric, &last?);
         }
         std::thread::sleep(super::registration::REGISTRATION_POLL);
     }
@@ -218,11 +234,18 @@ mod tests {
         let run = after.since(&before).unwrap();
         // The run's 100: 99 in (0.5 ms, 1 ms], 1 in (1 ms, 2 ms].
         assert_eq!(run.count(), 100);
-        let report = ServerLatency::of(DEFAULT_SERVER_LATENCY_METRIC, &run);
+        let report = ServerLatency::of(DEFAULT_SERVER_LATENCY_METRIC, &run).unwrap();
         assert_eq!(report.within_1ms, Some(0.99));
         let p50_us = 500.0 + 500.0 * 50.0 / 99.0;
         assert!((report.p50_us - p50_us).abs() < 1e-6, "{report:?}");
-        // A restarted server (counts went down) gives no run.
+        // A restarted server (counts went down) gives no run; a run that counted nothing, no
+        // report.
         assert_eq!(before.since(&after), None);
+        let nothing = before.since(&before).unwrap();
+        assert_eq!(nothing.count(), 0);
+        assert_eq!(
+            ServerLatency::of(DEFAULT_SERVER_LATENCY_METRIC, &nothing),
+            None
+        );
     }
 }
