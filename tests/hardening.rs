@@ -294,6 +294,14 @@ fn a_second_event_source_is_refused_and_the_first_run_is_unaffected() {
     server.stop_and_wait().unwrap();
 }
 
+/// A one-shard server with its metrics endpoint on an ephemeral port.
+fn start_server_with_metrics() -> efr::server::RunningServer {
+    start_server(Config {
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Config::ephemeral(1)
+    })
+}
+
 fn scrape_metrics(addr: std::net::SocketAddr) -> String {
     let mut http = TcpStream::connect(addr).unwrap();
     http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -307,11 +315,7 @@ fn scrape_metrics(addr: std::net::SocketAddr) -> String {
 /// last batch: their notifications are counted in the delivery latency like any other.
 #[test]
 fn notifications_released_at_source_close_count_in_the_delivery_latency() {
-    let config = Config {
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        ..Config::ephemeral(1)
-    };
-    let server = start_server(config);
+    let server = start_server_with_metrics();
     let clients = connect_all(&server, &[1], "\n");
     let events: Vec<String> = ["1|P|2|1", "3|P|2|1", "6|B"]
         .iter()
@@ -328,11 +332,7 @@ fn notifications_released_at_source_close_count_in_the_delivery_latency() {
 
 #[test]
 fn metrics_endpoint_serves_every_counter_in_prometheus_text() {
-    let config = Config {
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        ..Config::ephemeral(1)
-    };
-    let server = start_server(config);
+    let server = start_server_with_metrics();
     let clients = connect_all(&server, &[1], "\n");
     let events = vec!["1|B".to_string(), "2|X".to_string()];
     send_source(server.event_addr, &events, &[vec![0, 1]], "\n");

@@ -27,27 +27,7 @@ one() { # cores json rate-or-empty
   [ -n "$3" ] && rate=(--rate "$3")
   "${pin_load[@]}" "$load" --event-port $port --client-port $((port + 1)) --metrics-url 127.0.0.1:$((port + 2)) \
     --progress off --json "$2" "${rate[@]}" harness --total-events "$events" >/dev/null 2>&1
-  python3 - "$((port + 2))" > "$2.server" <<'PY'
-import re, socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-page = b""
-while chunk := s.recv(65536):
-    page += chunk
-buckets = [(float("inf") if le == "+Inf" else float(le), int(n)) for le, n in
-           re.findall(r'efr_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\d+)', page.decode())]
-count = buckets[-1][1] if buckets else 0
-def quantile(q):
-    target, low, below = q * count, 0.0, 0
-    for le, n in buckets:
-        if n >= target:
-            return low if le == float("inf") else low + (le - low) * (target - below) / max(n - below, 1)
-        low, below = le, n
-    return float("nan")
-within_1ms = dict(buckets).get(0.001, 0) / max(count, 1)
-print("server p50=%.3fms p99=%.3fms p99.9=%.3fms within-1ms=%.2f%%" %
-      (quantile(.5) * 1e3, quantile(.99) * 1e3, quantile(.999) * 1e3, within_1ms * 100))
-PY
+  python3 "$(dirname "$0")/server_latency.py" "$((port + 2))" > "$2.server"
   kill $pid; wait $pid 2>/dev/null
 }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }

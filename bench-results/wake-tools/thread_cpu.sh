@@ -5,7 +5,8 @@
 # of the run (/proc/PID/task/*/stat and schedstat), and prints per thread: CPU (% of one core),
 # time spent runnable but waiting for a core (ms per second), voluntary and involuntary context
 # switches per second. Then efr-load's verdict and latency, and the server's own latency from
-# its efr_delivery_latency_seconds histogram.
+# its efr_delivery_latency_seconds histogram and the batches it applied (server_latency.py;
+# batches per second = batches-applied / wall).
 # usage: thread_cpu.sh SERVER_BIN LOAD_BIN CORES RATE EVENTS
 set -u
 server=$1; load=$2; cores=$3; rate=$4; events=$5
@@ -36,7 +37,7 @@ sleep 1
 snapshot > /tmp/thread_cpu.2; t2=$(date +%s.%N)
 wait $lpid
 python3 - "$((port + 2))" "$t1" "$t2" <<'PY'
-import json, re, socket, sys
+import json, sys
 port, t1, t2 = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 hz, dt = 100, t2 - t1
 # A thread that ended between the reads leaves a short line: skipped.
@@ -54,26 +55,9 @@ for line in open("/tmp/thread_cpu.2"):
              (int(invol) - int(b[5])) / dt))
 d = json.load(open("/tmp/thread_cpu.json"))
 l = d["latency"]
-print("  efr-load: pass=%s events/s=%d p50=%.3fms p99=%.3fms p99.9=%.3fms"
-      % (d["pass"], d["events_per_s"], l["p50_us"] / 1e3, l["p99_us"] / 1e3, l["p999_us"] / 1e3))
-s = socket.create_connection(("127.0.0.1", port))
-s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-page = b""
-while chunk := s.recv(65536):
-    page += chunk
-page = page.decode()
-buckets = [(float("inf") if le == "+Inf" else float(le), int(n)) for le, n in
-           re.findall(r'efr_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\d+)', page)]
-count = buckets[-1][1]
-def quantile(q):
-    target, low, below = q * count, 0.0, 0
-    for le, n in buckets:
-        if n >= target:
-            return low if le == float("inf") else low + (le - low) * (target - below) / max(n - below, 1)
-        low, below = le, n
-batches = re.search(r"^efr_batches_applied (\d+)", page, re.M).group(1)
-print("  server: p50=%.3fms p99=%.3fms within-1ms=%.2f%%  batches applied %s (%d per second of run)"
-      % (quantile(.5) * 1e3, quantile(.99) * 1e3, 100 * dict(buckets)[0.001] / count, batches,
-         int(batches) / d["wall_s"]))
+print("  efr-load: pass=%s events/s=%d wall=%.2fs p50=%.3fms p99=%.3fms p99.9=%.3fms"
+      % (d["pass"], d["events_per_s"], d["wall_s"], l["p50_us"] / 1e3, l["p99_us"] / 1e3,
+         l["p999_us"] / 1e3))
 PY
+python3 "$(dirname "$0")/server_latency.py" "$((port + 2))" | sed "s/^/  /"
 kill $spid; wait $spid 2>/dev/null

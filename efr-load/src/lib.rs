@@ -321,9 +321,8 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         }
     };
     // The server's own latency histogram, if it publishes one, just before the first event.
-    let server_latency_before = metrics
-        .as_ref()
-        .and_then(|(endpoint, _)| server_latency::read(endpoint, &config.server_latency_metric));
+    let endpoint = metrics.as_ref().map(|(endpoint, _)| endpoint);
+    let server_latency_before = server_latency::before_run(endpoint, &config.server_latency_metric);
     let lockstep = workload.lockstep();
     let source_settings = SourceSettings {
         rate: config.rate,
@@ -400,15 +399,12 @@ pub fn run(config: &LoadConfig) -> anyhow::Result<Report> {
     let wall_s = (end.saturating_sub(first)) as f64 / 1e9;
     let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
     let cpu = (user1 - user0) + (sys1 - sys0);
-    let server_latency = match (&metrics, &server_latency_before) {
-        (Some((endpoint, _)), Some(before)) => server_latency::after_run(
-            endpoint,
-            &config.server_latency_metric,
-            before,
-            notifications,
-        ),
-        _ => None,
-    };
+    let server_latency = server_latency::after_run(
+        endpoint,
+        &config.server_latency_metric,
+        server_latency_before.as_ref(),
+        notifications,
+    );
     let report = Report {
         pass: error_count == 0,
         errors: errors.into_iter().map(|e| e.1).collect(),

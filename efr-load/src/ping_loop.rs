@@ -331,9 +331,9 @@ pub(crate) fn run(
         let _ = c.wait_active(chaos::CHAOS_ACTIVE_TIMEOUT);
     }
 
-    let server_latency_before = metrics.as_ref().and_then(|(endpoint, _)| {
-        super::server_latency::read(endpoint, &config.server_latency_metric)
-    });
+    let endpoint = metrics.as_ref().map(|(endpoint, _)| endpoint);
+    let server_latency_before =
+        super::server_latency::before_run(endpoint, &config.server_latency_metric);
     let event_addr = super::resolve(&config.host, config.event_port)?;
     let mut source = Link::connect(event_addr, timeout, &security, true)
         .with_context(|| format!("connecting the event source to {event_addr}"))?;
@@ -389,15 +389,12 @@ pub(crate) fn run(
     let per_s = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
     let cpu = (user1 - user0) + (sys1 - sys0);
     let errors: Vec<String> = out.error.into_iter().collect();
-    let server_latency = match (&metrics, &server_latency_before) {
-        (Some((endpoint, _)), Some(before)) => super::server_latency::after_run(
-            endpoint,
-            &config.server_latency_metric,
-            before,
-            out.notifications,
-        ),
-        _ => None,
-    };
+    let server_latency = super::server_latency::after_run(
+        endpoint,
+        &config.server_latency_metric,
+        server_latency_before.as_ref(),
+        out.notifications,
+    );
     let report = Report {
         pass: errors.is_empty(),
         error_count: errors.len() as u64,

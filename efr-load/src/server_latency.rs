@@ -157,16 +157,23 @@ pub fn read(endpoint: &MetricsEndpoint, metric: &str) -> Option<Histogram> {
     Histogram::parse(&endpoint.fetch().ok()?, metric)
 }
 
+/// Before the first event: the histogram at `endpoint` (`None` without `--metrics-url`, or
+/// when the server publishes none).
+pub fn before_run(endpoint: Option<&MetricsEndpoint>, metric: &str) -> Option<Histogram> {
+    read(endpoint?, metric)
+}
+
 /// After the run: reads the histogram until it counted at least `notifications` more than
 /// `before` (or [`SERVER_LATENCY_SETTLE_MS`] passed; a failed read is tried again until then),
 /// and reports the run's part. `None` when it could not be read, the server restarted, or it
 /// counted nothing.
 pub fn after_run(
-    endpoint: &MetricsEndpoint,
+    endpoint: Option<&MetricsEndpoint>,
     metric: &str,
-    before: &Histogram,
+    before: Option<&Histogram>,
     notifications: u64,
 ) -> Option<ServerLatency> {
+    let (endpoint, before) = (endpoint?, before?);
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(SERVER_LATENCY_SETTLE_MS);
     let mut last = None;

@@ -78,6 +78,10 @@ fn ping_passes_against_efr_at_one_and_eight_executors_lf_and_crlf() {
         let c = server.counters();
         assert_eq!(c.events_delivered.load(Ordering::Relaxed), 400);
         assert_eq!(c.notifications.load(Ordering::Relaxed), 400);
+        // The server's own part of each round trip: every ping counted once.
+        let own = report.server_latency.as_ref().expect("server latency");
+        assert_eq!(own.count, 400, "{own:?}");
+        assert!(own.p50_us > 0.0 && own.p50_us <= own.p99_us, "{own:?}");
         server.stop_and_wait().unwrap();
     }
 }
