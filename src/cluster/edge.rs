@@ -526,9 +526,20 @@ impl EdgeConsumer {
         {
             return false;
         }
+        // Only the queued commands hold a sender now. A shard that took the server's stop
+        // before this command ends without answering, and its command stays queued (this
+        // thread still holds the channel's sender): the stop ends the wait.
+        drop(reply);
+        let stop = stop_requested(self.shared.config.stop.clone());
+        tokio::pin!(stop);
         let mut edges = Vec::new();
         for _ in 0..self.shards.len() {
-            match replies.recv_async().await {
+            let part = tokio::select! {
+                biased;
+                () = &mut stop => return false,
+                part = replies.recv_async() => part,
+            };
+            match part {
                 Ok(mut part) => edges.append(&mut part),
                 Err(_) => return false,
             }
