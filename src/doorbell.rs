@@ -163,8 +163,9 @@ pub struct BellReadEnd {
     read_end: OwnedFd,
 }
 
-/// Creates a doorbell: the shared ringing half and the waiter's read end.
-pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
+/// A nonblocking, close-on-exec Unix stream socket pair: a doorbell's ends, and the stall
+/// guard's nudge sockets (`nudge.rs`).
+pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: plain syscall writing two descriptors into `fds`.
     let rc = unsafe {
@@ -179,8 +180,12 @@ pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned here.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Creates a doorbell: the shared ringing half and the waiter's read end.
+pub fn doorbell() -> io::Result<(Arc<Doorbell>, BellReadEnd)> {
+    let (read_end, write_end) = socket_pair()?;
     let bell = Arc::new(Doorbell {
         state: AtomicU8::new(AWAKE),
         write_end,

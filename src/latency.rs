@@ -59,15 +59,7 @@ pub const METRIC: &str = "efr_delivery_latency_seconds";
 /// 0 means "not stamped".
 #[inline]
 pub fn now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes only into the timespec it is given.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
-    }
-    (now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64).max(1)
+    crate::stop::monotonic_ns().max(1)
 }
 
 /// One shard's delivery latency histogram. Written only by its shard's thread (so a plain

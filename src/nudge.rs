@@ -62,7 +62,7 @@ use std::time::Duration;
 use futures_lite::AsyncReadExt;
 
 use crate::config::{Role, STALL_NUDGE_LINGER_ROUNDS};
-use crate::doorbell::Doorbell;
+use crate::doorbell::{socket_pair, Doorbell};
 use crate::shared::Shared;
 use crate::stats::{Counters, Fault};
 
@@ -476,24 +476,6 @@ fn thread_state(executor: &Executor) -> Option<u8> {
         .iter()
         .copied()
         .find(|b| !b.is_ascii_whitespace())
-}
-
-fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: plain syscall writing two descriptors into `fds`.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 #[cfg(test)]

@@ -134,15 +134,22 @@ fn a_hole_that_never_fills_is_skipped_after_the_gap_timeout() {
     server.stop_and_wait().unwrap();
 }
 
-#[test]
-fn holes_still_open_at_source_close_are_skipped_in_order() {
-    let server = start_server(Config::ephemeral(2));
-    let clients = connect_all(&server, &[1], "\n");
+/// Sends 6, 3 and 1 (in that order) and closes the source: 1 is delivered at once, 3 and 6
+/// wait behind holes (2, 4-5) until the close releases them. Returns the events in seq order.
+fn send_events_held_back_until_close(server: &efr::server::RunningServer) -> Vec<String> {
     let events: Vec<String> = ["1|P|2|1", "3|P|2|1", "6|B"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     send_source(server.event_addr, &events, &[vec![2, 1, 0]], "\n");
+    events
+}
+
+#[test]
+fn holes_still_open_at_source_close_are_skipped_in_order() {
+    let server = start_server(Config::ephemeral(2));
+    let clients = connect_all(&server, &[1], "\n");
+    let events = send_events_held_back_until_close(&server);
     check_clients(clients, &expected_notifications(&events, &[1]));
     assert_eq!(count(&server, |c| &c.holes_skipped), 2);
     assert_eq!(count(&server, |c| &c.seqs_skipped), 3);
@@ -317,11 +324,7 @@ fn scrape_metrics(addr: std::net::SocketAddr) -> String {
 fn notifications_released_at_source_close_count_in_the_delivery_latency() {
     let server = start_server_with_metrics();
     let clients = connect_all(&server, &[1], "\n");
-    let events: Vec<String> = ["1|P|2|1", "3|P|2|1", "6|B"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    send_source(server.event_addr, &events, &[vec![2, 1, 0]], "\n");
+    let events = send_events_held_back_until_close(&server);
     check_clients(clients, &expected_notifications(&events, &[1]));
     eventually("3 notifications counted in the delivery latency", || {
         scrape_metrics(server.metrics_addr.unwrap())
