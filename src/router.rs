@@ -169,10 +169,9 @@ impl<H> Outputs<H> {
             self.memory += (capacity - capacity_before) as u64;
         }
         if was_empty {
-            self.dirty.push(client);
-        }
-        if slot.pending_since_ns == 0 {
+            // Every batch is stamped (`crate::latency`), so the first one is the oldest.
             slot.pending_since_ns = self.batch_released_ns;
+            self.dirty.push(client);
         }
         slot.pending_notifications = slot.pending_notifications.saturating_add(1);
         let backlog = backlog_before + bytes.len();
